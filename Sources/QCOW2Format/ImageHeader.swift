@@ -1,0 +1,118 @@
+/// Everything stored in cluster 0: the fixed header, its extensions and the backing file name.
+public struct ImageHeader: Sendable, Equatable {
+    public var header: QCOW2Header
+    public var extensions: [HeaderExtension]
+    public var backingFileName: String?
+
+    public init(header: QCOW2Header, extensions: [HeaderExtension], backingFileName: String?) {
+        self.header = header
+        self.extensions = extensions
+        self.backingFileName = backingFileName
+    }
+
+    /// How many leading bytes of the file `parse` needs, once the fixed header is known.
+    public static func bytesNeeded(for header: QCOW2Header) -> Int {
+        var end = header.backingFileOffset != 0 ? Int(header.backingFileOffset) : header.clusterSize
+        if header.backingFileOffset != 0 {
+            end = max(end, Int(header.backingFileOffset) + Int(header.backingFileSize))
+        }
+        return end
+    }
+
+    /// Parses cluster 0. `bytes` must hold at least `bytesNeeded(for:)` bytes (or the whole
+    /// file when it is shorter; missing bytes then count as a truncated image).
+    public static func parse(_ bytes: [UInt8]) throws(FormatError) -> ImageHeader {
+        let header = try QCOW2Header.parse(bytes)
+        let extEnd = header.backingFileOffset != 0 ? Int(header.backingFileOffset) : header.clusterSize
+        let start = Int(header.headerLength)
+        var extensions: [HeaderExtension] = []
+        if start < extEnd {
+            // Pad a short file with zeros up to the extension area end: a file shorter than a
+            // cluster simply ends with the end-of-extensions marker (QEMU reads zeros past EOF).
+            var area = bytes
+            if area.count < extEnd { area.append(contentsOf: [UInt8](repeating: 0, count: extEnd - area.count)) }
+            extensions = try HeaderExtension.parseList(area, start: start, end: extEnd)
+        } else if start > extEnd {
+            throw .invalidField("backing_file_offset", value: header.backingFileOffset, reason: "overlaps the header (header_length \(start))")
+        }
+        var backing: String?
+        if header.backingFileOffset != 0 {
+            let r = ByteReader(bytes, structure: "backing file name")
+            let name = try r.slice(Int(header.backingFileOffset), Int(header.backingFileSize))
+            backing = String(decoding: name, as: UTF8.self)
+        }
+        let result = ImageHeader(header: header, extensions: extensions, backingFileName: backing)
+        try result.validateExtensions()
+        return result
+    }
+
+    func validateExtensions() throws(FormatError) {
+        let unknown = header.unknownIncompatibleFeatureNames(featureNameTable)
+        if !unknown.isEmpty { throw .unsupportedIncompatibleFeatures(unknown) }
+        let hasFDE = extensions.contains { if case .fullDiskEncryption = $0 { return true } else { return false } }
+        if hasFDE && header.cryptMethod != .luks {
+            throw .malformed("full disk encryption header extension present, but crypt_method is \(header.cryptMethodRaw)")
+        }
+        if header.autoclearFeatures.contains(.dataFileRaw) && !header.hasExternalDataFile {
+            throw .malformed("data-file-raw requires a data file (autoclear bit 1 set without incompatible bit 2)")
+        }
+        if header.autoclearFeatures.contains(.dataFileRaw) && backingFileName != nil {
+            throw .malformed("data-file-raw is not allowed together with a backing file")
+        }
+    }
+
+    public var backingFormat: String? {
+        for e in extensions { if case let .backingFormat(f) = e { return f } }
+        return nil
+    }
+
+    public var externalDataFile: String? {
+        for e in extensions { if case let .externalDataFile(f) = e { return f } }
+        return nil
+    }
+
+    public var featureNameTable: [FeatureNameEntry] {
+        for e in extensions { if case let .featureNameTable(t) = e { return t } }
+        return []
+    }
+
+    public var fullDiskEncryption: (offset: UInt64, length: UInt64)? {
+        for e in extensions { if case let .fullDiskEncryption(o, l) = e { return (o, l) } }
+        return nil
+    }
+
+    public var bitmaps: BitmapsExtension? {
+        for e in extensions { if case let .bitmaps(b) = e { return b } }
+        return nil
+    }
+
+    /// Serializes cluster 0 the way QEMU lays it out: header, extensions in QEMU's order
+    /// (unknown ones last), end marker, then the backing file name. Returns nil when it
+    /// does not fit in one cluster. `backingFileOffset`/`backingFileSize` are recomputed.
+    public func serializeCluster0() -> [UInt8]? {
+        var h = header
+        let order: [UInt32] = [
+            HeaderExtension.backingFormatType, HeaderExtension.externalDataFileType,
+            HeaderExtension.fullDiskEncryptionType, HeaderExtension.featureNameTableType,
+            HeaderExtension.bitmapsType,
+        ]
+        var ordered: [HeaderExtension] = []
+        for t in order { ordered.append(contentsOf: extensions.filter { $0.type == t }) }
+        ordered.append(contentsOf: extensions.filter { !order.contains($0.type) })
+        let extBytes = HeaderExtension.serializeList(ordered)
+        let nameBytes = backingFileName.map { Array($0.utf8) } ?? []
+        let nameOffset = Int(h.headerLength) + extBytes.count
+        if backingFileName != nil {
+            h.backingFileOffset = UInt64(nameOffset)
+            h.backingFileSize = UInt32(nameBytes.count)
+        } else {
+            h.backingFileOffset = 0
+            h.backingFileSize = 0
+        }
+        var out = h.serialize()
+        out.append(contentsOf: extBytes)
+        out.append(contentsOf: nameBytes)
+        guard out.count <= h.clusterSize else { return nil }
+        return out
+    }
+}
