@@ -19,19 +19,17 @@ public struct ImageHeader: Sendable, Equatable {
         return end
     }
 
-    /// Parses cluster 0. `bytes` must hold at least `bytesNeeded(for:)` bytes (or the whole
-    /// file when it is shorter; missing bytes then count as a truncated image).
+    /// Parses cluster 0 from `bytes`, a prefix of the file (zero-filled past end-of-file).
+    /// Throws `.truncated` when the extensions or the backing name lie past the prefix.
     public static func parse(_ bytes: [UInt8]) throws(FormatError) -> ImageHeader {
         let header = try QCOW2Header.parse(bytes)
         let extEnd = header.backingFileOffset != 0 ? Int(header.backingFileOffset) : header.clusterSize
         let start = Int(header.headerLength)
         var extensions: [HeaderExtension] = []
         if start < extEnd {
-            // Pad a short file with zeros up to the extension area end: a file shorter than a
-            // cluster simply ends with the end-of-extensions marker (QEMU reads zeros past EOF).
-            var area = bytes
-            if area.count < extEnd { area.append(contentsOf: [UInt8](repeating: 0, count: extEnd - area.count)) }
-            extensions = try HeaderExtension.parseList(area, start: start, end: extEnd)
+            // `bytes` may be a prefix of cluster 0: parsing stops at the end marker, and a
+            // list that runs past the prefix throws `.truncated` so the caller can read more.
+            extensions = try HeaderExtension.parseList(bytes, start: start, end: extEnd)
         } else if start > extEnd {
             throw .invalidField("backing_file_offset", value: header.backingFileOffset, reason: "overlaps the header (header_length \(start))")
         }

@@ -1,0 +1,148 @@
+import Synchronization
+
+/// One resolved piece of the guest disk: which layer serves it (`depth`), and how.
+struct ChainExtent: Sendable {
+    var piece: LayerPiece
+    /// Index of the layer that serves the range (0 = top). For ranges no layer allocates,
+    /// the last layer consulted, as QEMU reports it.
+    var depth: Int32
+
+    var start: UInt64 { piece.start }
+    var end: UInt64 { piece.end }
+    /// Allocated in some layer (false: reads as zeros because nothing below has it).
+    var present: Bool { piece.kind != .unallocated }
+}
+
+/// The chain-wide index: the key structure that makes a read cost the same at depth 1000
+/// as at depth 1.
+///
+/// The guest disk is cut into regions (one L2 slice of the top layer, e.g. 32 MiB for
+/// 64 KiB clusters). The first access to a region resolves it top-down across the chain
+/// once: every layer is asked only about the ranges still unresolved, reads each of its L2
+/// slices at most once, and resolution stops as soon as nothing is left. The result, a
+/// short sorted list of extents (layer, kind, host offset, merged where contiguous), is
+/// kept in a bounded LRU. Afterwards a read is a binary search plus one `pread` per extent,
+/// whatever the depth. Lower layers are read-only while open, so resolutions never go
+/// stale; writes to the top layer invalidate only the regions they touch.
+final class ChainIndex: Sendable {
+    let layers: [Layer]
+    let files: OpenFileCache
+    let l2Cache: L2SliceCache
+    let regionBits: UInt32
+    let virtualSize: UInt64
+    private let cache: Mutex<LRUCache<UInt64, [ChainExtent]>>
+
+    init(layers: [Layer], files: OpenFileCache, l2Cache: L2SliceCache, budget: Int) {
+        self.layers = layers
+        self.files = files
+        self.l2Cache = l2Cache
+        virtualSize = layers.first?.virtualSize ?? 0
+        // Region = one L2 slice of the top layer (bounded to [64 KiB, 1 GiB]).
+        var coverage: UInt64 = 32 << 20
+        if case let .qcow2(top)? = layers.first { coverage = top.sliceCoverage }
+        coverage = min(max(coverage, 64 << 10), 1 << 30)
+        regionBits = UInt32(63 - coverage.leadingZeroBitCount)
+        cache = Mutex(LRUCache(budget: budget))
+    }
+
+    var regionSize: UInt64 { 1 << UInt64(regionBits) }
+
+    /// The extents of region `r`, resolving it if it is not cached.
+    func region(_ r: UInt64) throws -> [ChainExtent] {
+        if let hit = cache.withLock({ $0.value(for: r) }) { return hit }
+        let extents = try resolve(r)
+        cache.withLock { $0.insert(extents, for: r, cost: 64 + extents.count * MemoryLayout<ChainExtent>.stride) }
+        return extents
+    }
+
+    /// Forgets cached resolutions overlapping `[start, end)` (after the top layer changes).
+    func invalidate(start: UInt64, end: UInt64) {
+        guard end > start else { return }
+        let first = start >> UInt64(regionBits), last = (end - 1) >> UInt64(regionBits)
+        cache.withLock { c in
+            if last - first > UInt64(c.count) {
+                c.removeAll()
+            } else {
+                for r in first...last { c.removeValue(for: r) }
+            }
+        }
+    }
+
+    func invalidateAll() { cache.withLock { $0.removeAll() } }
+
+    private func resolve(_ r: UInt64) throws -> [ChainExtent] {
+        let start = r << UInt64(regionBits)
+        let end = min(virtualSize, start + regionSize)
+        guard start < end else { return [] }
+        var result: [ChainExtent] = []
+        var pending: [Range<UInt64>] = [start..<end]
+        var pieces: [LayerPiece] = []
+        for (i, layer) in layers.enumerated() {
+            if pending.isEmpty { break }
+            let depth = Int32(i)
+            // The part of a range past a (shorter) backing file reads as zeros; QEMU reports
+            // it as not present, at the depth of the layer above.
+            let size = layer.virtualSize
+            var inside: [Range<UInt64>] = []
+            for p in pending {
+                if p.upperBound > size {
+                    let cut = max(p.lowerBound, size)
+                    result.append(ChainExtent(piece: LayerPiece(start: cut, length: p.upperBound - cut, kind: .unallocated,
+                                                                host: LayerPiece.noHost, inDataFile: false), depth: depth - 1))
+                }
+                if p.lowerBound < size { inside.append(p.lowerBound..<min(p.upperBound, size)) }
+            }
+            pieces.removeAll(keepingCapacity: true)
+            switch layer {
+            case let .qcow2(l): try l.map(ranges: inside, files: files, l2Cache: l2Cache, into: &pieces)
+            case let .raw(l):
+                for p in inside { try l.map(start: p.lowerBound, end: p.upperBound, files: files, into: &pieces) }
+            }
+            var next: [Range<UInt64>] = []
+            for p in pieces {
+                if p.kind == .unallocated {
+                    if let last = next.last, last.upperBound == p.start {
+                        next[next.count - 1] = last.lowerBound..<p.end
+                    } else {
+                        next.append(p.start..<p.end)
+                    }
+                } else {
+                    result.append(ChainExtent(piece: p, depth: depth))
+                }
+            }
+            pending = next
+        }
+        let lastDepth = Int32(layers.count - 1)
+        for p in pending {
+            result.append(ChainExtent(piece: LayerPiece(start: p.lowerBound, length: p.upperBound - p.lowerBound, kind: .unallocated,
+                                                        host: LayerPiece.noHost, inDataFile: false), depth: lastDepth))
+        }
+        result.sort { $0.start < $1.start }
+        // Merge neighbours from the same layer that are contiguous in guest and host space.
+        var merged: [ChainExtent] = []
+        merged.reserveCapacity(result.count)
+        for e in result {
+            if var last = merged.last, last.depth == e.depth {
+                var pieces = [last.piece]
+                LayerPiece.append(e.piece, to: &pieces)
+                if pieces.count == 1 {
+                    last.piece = pieces[0]
+                    merged[merged.count - 1] = last
+                    continue
+                }
+            }
+            merged.append(e)
+        }
+        return merged
+    }
+
+    /// Index of the extent containing `offset` in a region's sorted extents.
+    static func find(_ extents: [ChainExtent], _ offset: UInt64) -> Int {
+        var lo = 0, hi = extents.count - 1
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            if extents[mid].start <= offset { lo = mid } else { hi = mid - 1 }
+        }
+        return lo
+    }
+}

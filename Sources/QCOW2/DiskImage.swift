@@ -1,0 +1,193 @@
+import QCOW2Format
+import Synchronization
+
+/// An opened image with its whole backing chain: the library's main entry point.
+///
+/// ```swift
+/// let disk = try DiskImage.open(path: "vm.qcow2")
+/// var buffer = [UInt8](repeating: 0, count: 4096)
+/// try buffer.withUnsafeMutableBytes { try disk.read(at: 0, into: $0) }
+/// ```
+///
+/// Reads are thread-safe: several threads may read at once. A read of a guest range costs
+/// a chain-index lookup plus one `pread` per extent, independent of the chain's depth.
+public final class DiskImage: BlockDevice, Sendable {
+    /// Path of the top image, as given.
+    public let path: String
+    public let virtualSize: UInt64
+    let layers: [Layer]
+    let files: OpenFileCache
+    let index: ChainIndex
+    private let compressedCache: Mutex<LRUCache<CompressedKey, [UInt8]>>
+
+    private struct CompressedKey: Hashable { var layer: Int32; var host: UInt64 }
+
+    private init(path: String, layers: [Layer], files: OpenFileCache, options: OpenOptions) {
+        self.path = path
+        self.layers = layers
+        self.files = files
+        virtualSize = layers[0].virtualSize
+        index = ChainIndex(layers: layers, files: files, l2Cache: L2SliceCache(budget: options.l2CacheSize),
+                           budget: options.indexCacheSize)
+        compressedCache = Mutex(LRUCache(budget: options.compressedCacheSize))
+    }
+
+    /// Opens an image and its backing chain.
+    public static func open(path: String, options: OpenOptions = OpenOptions()) throws -> DiskImage {
+        let maxOpen = options.maxOpenFiles ?? max(16, Paths.openFileLimit() / 4)
+        let files = OpenFileCache(maxOpenFiles: maxOpen, writable: options.writable)
+        let layers = try ChainOpener.open(path: path, options: options, files: files)
+        return DiskImage(path: path, layers: layers, files: files, options: options)
+    }
+
+    /// Number of layers (1 for an image without a backing file).
+    public var chainDepth: Int { layers.count }
+
+    /// Facts about each layer, top first.
+    public var chain: [LayerInfo] {
+        layers.map { layer in
+            switch layer {
+            case let .qcow2(l): return LayerInfo(qcow2: l)
+            case let .raw(l): return LayerInfo(raw: l)
+            }
+        }
+    }
+
+    /// Closes every file of the chain now (they also close when the image is released).
+    public func close() { files.closeAll() }
+
+    // MARK: Reading
+
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let count = UInt64(buffer.count)
+        guard offset <= virtualSize, count <= virtualSize - offset else {
+            throw QCOW2Error.invalidArgument("read of \(count) bytes at offset \(offset) is past the end of the disk (\(virtualSize) bytes)")
+        }
+        guard let base = buffer.baseAddress else { return }
+        let end = offset + count
+        var pos = offset
+        while pos < end {
+            let r = pos >> UInt64(index.regionBits)
+            let extents = try index.region(r)
+            guard !extents.isEmpty else { throw QCOW2Error.invalidArgument("internal: empty region \(r)") }
+            var i = ChainIndex.find(extents, pos)
+            while pos < end && i < extents.count {
+                let e = extents[i]
+                let n = min(e.end, end) - pos
+                let dest = UnsafeMutableRawBufferPointer(start: base + Int(pos - offset), count: Int(n))
+                try readExtent(e, at: pos, into: dest)
+                pos += n
+                i += 1
+            }
+        }
+    }
+
+    private func readExtent(_ e: ChainExtent, at pos: UInt64, into dest: UnsafeMutableRawBufferPointer) throws {
+        switch e.piece.kind {
+        case .unallocated, .zero:
+            dest.initializeMemory(as: UInt8.self, repeating: 0)
+        case .data:
+            let file = try files.handle(FileKey(layer: e.depth, dataFile: e.piece.inDataFile))
+            try file.read(into: dest, at: e.piece.host + (pos - e.start))
+        case .compressed:
+            let cluster = try decompressedCluster(e)
+            let from = Int(pos - e.piece.clusterStart)
+            cluster.withUnsafeBytes { src in
+                dest.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[from..<(from + dest.count)]))
+            }
+        }
+    }
+
+    private func decompressedCluster(_ e: ChainExtent) throws -> [UInt8] {
+        let key = CompressedKey(layer: e.depth, host: e.piece.host)
+        if let hit = compressedCache.withLock({ $0.value(for: key) }) { return hit }
+        guard case let .qcow2(layer) = layers[Int(e.depth)] else {
+            throw QCOW2Error.invalidArgument("internal: compressed extent in a raw layer")
+        }
+        let file = try files.handle(FileKey(layer: e.depth, dataFile: false))
+        let clusterSize = Int(layer.geometry.clusterSize)
+        // The descriptor's size is at most a cluster plus a sector; it may run past EOF
+        // (the file ends at the last compressed byte), which reads as zeros.
+        let input = try file.read(count: Int(e.piece.compressedSize), at: e.piece.host)
+        var output = [UInt8](repeating: 0, count: clusterSize)
+        let ok = input.withUnsafeBytes { inRaw in
+            output.withUnsafeMutableBytes { outRaw in
+                ClusterCodec.decompress(layer.header.compressionType, input: inRaw, output: outRaw)
+            }
+        }
+        guard ok else {
+            throw QCOW2Error.corrupt(path: layer.path, "could not decompress the cluster at guest offset 0x\(String(e.piece.clusterStart, radix: 16)) (host 0x\(String(e.piece.host, radix: 16)), \(e.piece.compressedSize) bytes, \(layer.header.compressionType))")
+        }
+        compressedCache.withLock { $0.insert(output, for: key, cost: clusterSize) }
+        return output
+    }
+
+    // MARK: Allocation map
+
+    public func allocationMap(offset: UInt64, length: UInt64) throws -> [AllocationExtent] {
+        guard offset < virtualSize else { return [] }
+        let end = offset + min(length, virtualSize - offset)
+        var out: [AllocationExtent] = []
+        var pos = offset
+        while pos < end {
+            let extents = try index.region(pos >> UInt64(index.regionBits))
+            var i = ChainIndex.find(extents, pos)
+            while pos < end && i < extents.count {
+                let e = extents[i]
+                let n = min(e.end, end) - pos
+                let a = allocationExtent(e, start: pos, length: n)
+                if let last = out.last, last.canMerge(with: a) {
+                    out[out.count - 1].length += a.length
+                } else {
+                    out.append(a)
+                }
+                pos += n
+                i += 1
+            }
+        }
+        return out
+    }
+
+    private func allocationExtent(_ e: ChainExtent, start: UInt64, length: UInt64) -> AllocationExtent {
+        let p = e.piece
+        var offset: UInt64?
+        var file: String?
+        if p.hasHost && (p.kind == .data || p.kind == .zero) {
+            offset = p.host + (start - p.start)
+            file = files.path(FileKey(layer: e.depth, dataFile: p.inDataFile))
+        }
+        return AllocationExtent(
+            start: start, length: length, depth: Int(e.depth), present: e.present,
+            zero: p.kind == .zero || p.kind == .unallocated, data: p.kind == .data || p.kind == .compressed,
+            offset: offset, compressed: p.kind == .compressed, file: file)
+    }
+}
+
+/// Facts about one layer of an opened chain (what `qemu-img info` reports).
+public struct LayerInfo: Sendable {
+    public var path: String
+    public var format: String
+    public var virtualSize: UInt64
+    /// The parsed cluster 0 (nil for raw layers).
+    public var header: ImageHeader?
+    /// The backing file name as stored, and as resolved.
+    public var backingFileName: String?
+    public var fullBackingFileName: String?
+    public var dataFile: String?
+
+    init(qcow2 l: QCOW2Layer) {
+        path = l.path
+        format = "qcow2"
+        virtualSize = l.virtualSize
+        header = l.image
+        backingFileName = l.image.backingFileName
+        fullBackingFileName = l.image.backingFileName.map { Paths.resolve($0, relativeTo: l.path) }
+        dataFile = l.image.externalDataFile
+    }
+
+    init(raw l: RawLayer) {
+        path = l.path
+        format = "raw"
+        virtualSize = l.virtualSize
+    }
+}

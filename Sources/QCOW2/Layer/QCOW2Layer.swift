@@ -1,0 +1,251 @@
+import QCOW2Format
+import Synchronization
+
+/// One qcow2 image of a chain, opened for reading: its validated header, its active L1
+/// table, and the code that turns guest ranges into `LayerPiece`s by reading L2 slices.
+///
+/// The file itself is not held open here: the chain's `OpenFileCache` hands out handles,
+/// so thousands of layers can be open under a small file-descriptor budget.
+final class QCOW2Layer: Sendable {
+    let path: String
+    let index: Int32
+    let image: ImageHeader
+    let geometry: ClusterGeometry
+    let l1: [UInt64]
+    let fileSize: UInt64
+    let dataFilePath: String?
+
+    var header: QCOW2Header { image.header }
+    var virtualSize: UInt64 { image.header.size }
+
+    /// Bytes of L2 table read at a time (QEMU's default `l2-cache-entry-size` is 4 KiB).
+    var sliceBytes: UInt64 { min(4096, geometry.clusterSize) }
+    var sliceEntries: UInt64 { sliceBytes / geometry.l2EntrySize }
+    /// Guest bytes covered by one L2 slice.
+    var sliceCoverage: UInt64 { sliceEntries << UInt64(geometry.clusterBits) }
+
+    /// Reads and validates the header and L1 table of an open image file.
+    init(path: String, index: Int32, file: FileHandle, options: OpenOptions) throws {
+        self.path = path
+        self.index = index
+        let size = try file.size()
+        fileSize = size
+        image = try Self.readHeader(file: file, path: path, fileSize: size)
+        let h = image.header
+        geometry = ClusterGeometry(clusterBits: h.clusterBits, extendedL2: h.hasExtendedL2)
+
+        if h.cryptMethodRaw != 0 {
+            let method = h.cryptMethod == .luks ? "LUKS" : "AES"
+            throw QCOW2Error.unsupported(path: path, "image is encrypted (\(method), crypt_method \(h.cryptMethodRaw)); encrypted images need encryption support, which is a separate feature not available in this build")
+        }
+        if h.incompatibleFeatures.contains(.dirty) && options.writable {
+            throw QCOW2Error.unsupported(path: path, "image is dirty (refcounts may be wrong); open it read-only or repair it with 'qemu-img check -r all'")
+        }
+        if h.incompatibleFeatures.contains(.corrupt) && options.writable {
+            throw QCOW2Error.unsupported(path: path, "image is corrupt; cannot be opened read/write")
+        }
+
+        // External data file.
+        if h.hasExternalDataFile {
+            guard let name = image.externalDataFile else {
+                throw QCOW2Error.unsupported(path: path, "image has an external data file but does not name it ('data-file' is required)")
+            }
+            guard options.allowExternalDataFiles else {
+                throw QCOW2Error.chain(path: path, "image uses external data file '\(name)', which this open does not allow")
+            }
+            dataFilePath = Paths.resolve(name, relativeTo: path)
+        } else {
+            dataFilePath = nil
+        }
+
+        // Active L1 table: only the entries that cover the virtual size matter for reads;
+        // they must lie inside the file (this also bounds the allocation by the file size).
+        let needed = geometry.l1EntriesNeeded(forVirtualSize: h.size) ?? 0
+        let l1Bytes = needed * 8
+        if needed > 0 {
+            guard h.l1TableOffset != 0, h.l1TableOffset <= size, l1Bytes <= size - h.l1TableOffset else {
+                throw QCOW2Error.format(path: path, .invalidField("l1_table_offset", value: h.l1TableOffset,
+                    reason: "L1 table of \(needed) entries extends past the end of the file (\(size) bytes)"))
+            }
+        }
+        var l1 = [UInt64](repeating: 0, count: Int(needed))
+        if needed > 0 {
+            try l1.withUnsafeMutableBytes { (raw) in
+                try file.read(into: raw, at: h.l1TableOffset)
+            }
+            for i in l1.indices { l1[i] = UInt64(bigEndian: l1[i]) }
+        }
+        self.l1 = l1
+    }
+
+    static func readHeader(file: FileHandle, path: String, fileSize: UInt64) throws -> ImageHeader {
+        // Read a prefix first: for 2 MiB clusters, cluster 0 is large and almost all of it
+        // is padding. Read the rest only if the extensions run past the prefix.
+        let prefix = 65536
+        var bytes = try file.read(count: Int(min(UInt64(prefix), max(fileSize, 104))), at: 0)
+        let fixed: QCOW2Header
+        do { fixed = try QCOW2Header.parse(bytes) } catch { throw QCOW2Error.format(path: path, error) }
+        let needed = ImageHeader.bytesNeeded(for: fixed)
+        if needed > bytes.count && UInt64(bytes.count) < fileSize {
+            bytes = try file.read(count: needed, at: 0)
+        } else if needed > bytes.count {
+            bytes.append(contentsOf: [UInt8](repeating: 0, count: needed - bytes.count))
+        }
+        do {
+            return try ImageHeader.parse(bytes)
+        } catch {
+            if case .truncated = error, needed > bytes.count {
+                bytes = try file.read(count: needed, at: 0)
+                do { return try ImageHeader.parse(bytes) } catch { throw QCOW2Error.format(path: path, error) }
+            }
+            throw QCOW2Error.format(path: path, error)
+        }
+    }
+
+    /// Appends the pieces of each range (sorted, inside the virtual size) to `out`.
+    ///
+    /// The chain index calls this once per layer per region with every range still
+    /// unresolved, so the L2 slice is fetched once and reused across the ranges.
+    func map(ranges: [Range<UInt64>], files: OpenFileCache, l2Cache: L2SliceCache, into out: inout [LayerPiece]) throws {
+        var memo: (host: UInt64, bytes: [UInt8])?
+        for r in ranges {
+            try map(start: r.lowerBound, end: r.upperBound, files: files, l2Cache: l2Cache, memo: &memo, into: &out)
+        }
+    }
+
+    private func map(start: UInt64, end: UInt64, files: OpenFileCache, l2Cache: L2SliceCache,
+                     memo: inout (host: UInt64, bytes: [UInt8])?, into out: inout [LayerPiece]) throws {
+        let g = geometry
+        let cs = g.clusterSize
+        var pos = start
+        while pos < end {
+            let l1i = g.l1Index(pos)
+            let l2Start = l1i << UInt64(g.clusterBits + g.l2EntriesBits)
+            let l2End = min(end, l2Start &+ g.l2Coverage)
+            let l1e = L1Entry(rawValue: l1i < UInt64(l1.count) ? l1[Int(l1i)] : 0)
+            let l2Offset = l1e.l2Offset
+            if l2Offset == 0 {
+                LayerPiece.append(LayerPiece(start: pos, length: l2End - pos, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false), to: &out)
+                pos = l2End
+                continue
+            }
+            guard g.offsetInCluster(l2Offset) == 0 else {
+                throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) unaligned (L1 index \(l1i))")
+            }
+            guard l2Offset < fileSize else {
+                throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) (L1 index \(l1i)) lies beyond the end of the file")
+            }
+            while pos < l2End {
+                let l2i = g.l2Index(pos)
+                let sliceIndex = l2i / sliceEntries
+                let sliceHost = l2Offset + sliceIndex * sliceBytes
+                let slice: [UInt8]
+                if let m = memo, m.host == sliceHost {
+                    slice = m.bytes
+                } else {
+                    slice = try l2Cache.slice(layer: self, host: sliceHost, files: files)
+                    memo = (sliceHost, slice)
+                }
+                let firstInSlice = sliceIndex * sliceEntries
+                let sliceGuestEnd = min(l2End, l2Start + (firstInSlice + sliceEntries) * cs)
+                try slice.withUnsafeBytes { (raw) in
+                    while pos < sliceGuestEnd {
+                        let i = Int(g.l2Index(pos) - firstInSlice)
+                        let entry: L2Entry
+                        if g.extendedL2 {
+                            entry = L2Entry(rawValue: loadBE64(raw, i * 16), bitmap: loadBE64(raw, i * 16 + 8))
+                        } else {
+                            entry = L2Entry(rawValue: loadBE64(raw, i * 8))
+                        }
+                        let clusterStart = pos & ~(cs - 1)
+                        let clusterEnd = min(sliceGuestEnd, clusterStart + cs)
+                        try appendCluster(entry, clusterStart: clusterStart, from: pos, to: clusterEnd, into: &out)
+                        pos = clusterEnd
+                    }
+                }
+            }
+        }
+    }
+
+    private func appendCluster(_ entry: L2Entry, clusterStart: UInt64, from: UInt64, to: UInt64, into out: inout [LayerPiece]) throws {
+        let kind: ClusterKind
+        do {
+            kind = try entry.clusterKind(geometry: geometry, version: header.version, externalData: header.hasExternalDataFile)
+        } catch {
+            throw QCOW2Error.corrupt(path: path, "guest offset 0x\(String(clusterStart, radix: 16)): \(error)")
+        }
+        let inData = dataFilePath != nil
+        if !geometry.extendedL2 {
+            let piece: LayerPiece
+            switch kind {
+            case .unallocated:
+                piece = LayerPiece(start: from, length: to - from, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false)
+            case .zeroPlain:
+                piece = LayerPiece(start: from, length: to - from, kind: .zero, host: LayerPiece.noHost, inDataFile: false)
+            case let .zeroAllocated(host):
+                piece = LayerPiece(start: from, length: to - from, kind: .zero, host: host + (from - clusterStart), inDataFile: inData)
+            case let .normal(host):
+                piece = LayerPiece(start: from, length: to - from, kind: .data, host: host + (from - clusterStart), inDataFile: inData)
+            case let .compressed(d):
+                piece = LayerPiece(start: from, length: to - from, kind: .compressed, host: d.hostOffset, inDataFile: false,
+                                   compressedSize: d.compressedSize, clusterStart: clusterStart)
+            }
+            LayerPiece.append(piece, to: &out)
+            return
+        }
+        if case let .compressed(d) = kind {
+            LayerPiece.append(LayerPiece(start: from, length: to - from, kind: .compressed, host: d.hostOffset, inDataFile: false,
+                                         compressedSize: d.compressedSize, clusterStart: clusterStart), to: &out)
+            return
+        }
+        let host: UInt64?
+        switch kind {
+        case let .normal(h), let .zeroAllocated(h): host = h
+        default: host = nil
+        }
+        let sc = geometry.subclusterSize
+        var pos = from
+        while pos < to {
+            let sub = Int((pos - clusterStart) / sc)
+            let subEnd = min(to, clusterStart + UInt64(sub + 1) * sc)
+            let t = entry.subclusterType(sub, kind: kind)
+            let hostHere = host.map { $0 + (pos - clusterStart) } ?? LayerPiece.noHost
+            let piece: LayerPiece
+            switch t {
+            case .invalid:
+                throw QCOW2Error.corrupt(path: path, "guest offset 0x\(String(clusterStart, radix: 16)): invalid subcluster bitmap 0x\(String(entry.bitmap, radix: 16)) in L2 entry 0x\(String(entry.rawValue, radix: 16))")
+            case .normal:
+                piece = LayerPiece(start: pos, length: subEnd - pos, kind: .data, host: hostHere, inDataFile: inData)
+            case .zeroAllocated:
+                piece = LayerPiece(start: pos, length: subEnd - pos, kind: .zero, host: hostHere, inDataFile: inData)
+            case .zeroPlain:
+                piece = LayerPiece(start: pos, length: subEnd - pos, kind: .zero, host: LayerPiece.noHost, inDataFile: false)
+            case .unallocatedPlain, .unallocatedAllocated, .compressed:
+                piece = LayerPiece(start: pos, length: subEnd - pos, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false)
+            }
+            LayerPiece.append(piece, to: &out)
+            pos = subEnd
+        }
+    }
+}
+
+/// A bounded cache of L2 table slices shared by every layer of a chain (QEMU's
+/// `l2-cache-size`). Entries are the raw big-endian slice bytes.
+final class L2SliceCache: Sendable {
+    private struct Key: Hashable { var layer: Int32; var host: UInt64 }
+    private let cache: Mutex<LRUCache<Key, [UInt8]>>
+
+    init(budget: Int) { cache = Mutex(LRUCache(budget: budget)) }
+
+    func slice(layer: QCOW2Layer, host: UInt64, files: OpenFileCache) throws -> [UInt8] {
+        let key = Key(layer: layer.index, host: host)
+        if let s = cache.withLock({ $0.value(for: key) }) { return s }
+        let file = try files.handle(FileKey(layer: layer.index, dataFile: false))
+        let bytes = try file.read(count: Int(layer.sliceBytes), at: host)
+        cache.withLock { $0.insert(bytes, for: key, cost: bytes.count + 64) }
+        return bytes
+    }
+
+    /// Drops cached slices of one layer (after it changes).
+    func invalidate(layer: Int32) { cache.withLock { $0.removeAll { $0.layer == layer } } }
+}

@@ -1,1 +1,0 @@
-import QCOW2Format

@@ -1,0 +1,57 @@
+import ArgumentParser
+import Dispatch
+import QCOW2
+import Synchronization
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Read benchmark shaped like qemu-img bench (same -c/-s/-S/-o/-d meaning).")
+
+    @OptionGroup var image: ImageOptions
+    @Option(name: .customShort("c"), help: "Number of requests.") var count: Int = 75000
+    @Option(name: .customShort("s"), help: "Request size (default 4k).") var size: String = "4k"
+    @Option(name: .customShort("S"), help: "Step between request offsets (default: the request size).") var step: String?
+    @Option(name: .customShort("o"), help: "Offset of the first request.") var offset: String = "0"
+    @Option(name: .customShort("d"), help: "Requests in flight (reported; threads do the work).") var depth: Int = 64
+    @Option(name: .customShort("t"), help: "Worker threads (default 1).") var threads: Int = 1
+    @Argument(help: "The image file.") var path: String
+
+    func run() throws {
+        try QCOW2Tool.guarded {
+            guard let size = parseSize(size), size > 0, size <= 1 << 30 else { throw ValidationError("invalid request size") }
+            guard let step = parseSize(step ?? String(size)) else { throw ValidationError("invalid step size") }
+            guard let start = parseSize(offset) else { throw ValidationError("invalid offset") }
+            guard count >= 0, (1...256).contains(threads), depth >= 1 else { throw ValidationError("invalid -c, -t or -d") }
+            let disk = try DiskImage.open(path: path, options: image.openOptions())
+            let imageSize = disk.virtualSize
+            guard imageSize >= size else { throw ValidationError("image is smaller than one request") }
+            print("Sending \(count) read requests, \(size) bytes each, \(depth) in parallel (starting at offset \(start), step size \(step))")
+            let next = Atomic<Int>(0)
+            let failure = Mutex<(any Error)?>(nil)
+            let requestCount = count
+            let begin = DispatchTime.now().uptimeNanoseconds
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(size), alignment: 4096)
+                defer { buffer.deallocate() }
+                while true {
+                    let i = next.add(1, ordering: .relaxed).oldValue
+                    guard i < requestCount else { return }
+                    // Request i starts at offset + i*step, wrapped like qemu-img bench.
+                    let (m, overflow) = UInt64(i).multipliedReportingOverflow(by: step)
+                    var at = (overflow ? 0 : (start &+ m)) % imageSize
+                    if at + size > imageSize { at = 0 }
+                    do {
+                        try disk.read(at: at, into: buffer)
+                    } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                        return
+                    }
+                }
+            }
+            if let error = failure.withLock({ $0 }) { throw error }
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - begin) / 1e9
+            let ms = Int((seconds * 1000).rounded())
+            print("Run completed in \(ms / 1000).\(String(repeating: "0", count: 3 - String(ms % 1000).count))\(ms % 1000) seconds.")
+        }
+    }
+}

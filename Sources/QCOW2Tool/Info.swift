@@ -1,0 +1,194 @@
+import ArgumentParser
+import QCOW2
+import QCOW2Format
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show information about an image (like qemu-img info).")
+
+    @OptionGroup var image: ImageOptions
+    @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.")
+    var backingChain = false
+    @Option(name: .customLong("output"), help: "human or json.")
+    var output: OutputFormat = .human
+    @Argument(help: "The image file.") var path: String
+
+    func run() throws {
+        try QCOW2Tool.guarded {
+            var options = image.openOptions()
+            options.followBackingFiles = true
+            let disk = try DiskImage.open(path: path, options: options)
+            let layers = backingChain ? disk.chain : [disk.chain[0]]
+            let infos = try layers.map { try ImageInfo(layer: $0) }
+            switch output {
+            case .json:
+                if backingChain {
+                    print("[\n" + infos.map { $0.json(indent: 4) }.joined(separator: ",\n") + "\n]")
+                } else {
+                    print(infos[0].json(indent: 0))
+                }
+            case .human:
+                print(infos.map { $0.human() }.joined(separator: "\n"))
+            }
+        }
+    }
+}
+
+/// What `qemu-img info` reports about one image.
+struct ImageInfo {
+    var layer: LayerInfo
+    var actualSize: UInt64
+    var snapshots: [SnapshotTableEntry]
+
+    init(layer: LayerInfo) throws {
+        self.layer = layer
+        actualSize = try ImageFiles.allocatedSize(path: layer.path)
+        snapshots = try ImageFiles.snapshots(of: layer)
+    }
+
+    private var formatSpecific: [(String, JSONValue)] {
+        guard let h = layer.header?.header else { return [] }
+        var data: [(String, JSONValue)] = [("compat", .string(h.version >= 3 ? "1.1" : "0.10"))]
+        if let df = layer.dataFile { data.append(("data-file", .string(df))) }
+        if h.hasExternalDataFile { data.append(("data-file-raw", .bool(h.autoclearFeatures.contains(.dataFileRaw)))) }
+        data.append(("compression-type", .string(h.compressionType.description)))
+        if h.version >= 3 { data.append(("lazy-refcounts", .bool(h.compatibleFeatures.contains(.lazyRefcounts)))) }
+        data.append(("refcount-bits", .int(Int64(h.refcountBits))))
+        if h.version >= 3 {
+            data.append(("corrupt", .bool(h.incompatibleFeatures.contains(.corrupt))))
+            data.append(("extended-l2", .bool(h.hasExtendedL2)))
+        }
+        return data
+    }
+
+    func json(indent: Int) -> String {
+        var obj: [(String, JSONValue)] = []
+        if !snapshots.isEmpty {
+            obj.append(("snapshots", .array(snapshots.map { s in
+                .object([
+                    ("icount", .int(Int64(bitPattern: s.icount ?? 0))),
+                    ("vm-clock-nsec", .int(Int64(s.vmClockNanoseconds % 1_000_000_000))),
+                    ("name", .string(s.name)),
+                    ("date-sec", .int(Int64(s.dateSeconds))),
+                    ("date-nsec", .int(Int64(s.dateNanoseconds))),
+                    ("vm-clock-sec", .int(Int64(s.vmClockNanoseconds / 1_000_000_000))),
+                    ("id", .string(s.id)),
+                    ("vm-state-size", .int(Int64(s.vmStateSize))),
+                ])
+            })))
+        }
+        if let fmt = layer.header?.backingFormat, layer.backingFileName != nil {
+            obj.append(("backing-filename-format", .string(fmt)))
+        }
+        obj.append(("virtual-size", .int(Int64(layer.virtualSize))))
+        obj.append(("filename", .string(layer.path)))
+        if let h = layer.header?.header { obj.append(("cluster-size", .int(Int64(h.clusterSize)))) }
+        obj.append(("format", .string(layer.format)))
+        obj.append(("actual-size", .int(Int64(actualSize))))
+        if layer.header != nil {
+            obj.append(("format-specific", .object([("type", .string("qcow2")), ("data", .object(formatSpecific))])))
+        }
+        if let full = layer.fullBackingFileName { obj.append(("full-backing-filename", .string(full))) }
+        if let b = layer.backingFileName { obj.append(("backing-filename", .string(b))) }
+        let dirty = layer.header?.header.incompatibleFeatures.contains(.dirty) ?? false
+        obj.append(("dirty-flag", .bool(dirty)))
+        return JSONValue.object(obj).render(indent: indent)
+    }
+
+    func human() -> String {
+        var lines: [String] = []
+        lines.append("image: \(layer.path)")
+        lines.append("file format: \(layer.format)")
+        lines.append("virtual size: \(humanSize(layer.virtualSize)) (\(layer.virtualSize) bytes)")
+        lines.append("disk size: \(humanSize(actualSize))")
+        if let h = layer.header?.header { lines.append("cluster_size: \(h.clusterSize)") }
+        if let b = layer.backingFileName {
+            if let full = layer.fullBackingFileName, full != b {
+                lines.append("backing file: \(b) (actual path: \(full))")
+            } else {
+                lines.append("backing file: \(b)")
+            }
+            if let f = layer.header?.backingFormat { lines.append("backing file format: \(f)") }
+        }
+        if !snapshots.isEmpty {
+            lines.append("Snapshot list:")
+            lines.append(SnapshotListing.header)
+            lines.append(contentsOf: snapshots.map(SnapshotListing.line))
+        }
+        let fs = formatSpecific
+        if !fs.isEmpty {
+            lines.append("Format specific information:")
+            for (k, v) in fs {
+                lines.append("    \(k.split(separator: "-").joined(separator: " ")): \(v.plain)")
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// qemu-img's snapshot table formatting (`bdrv_snapshot_dump`).
+enum SnapshotListing {
+    static let header = pad("ID", 4) + " " + pad("TAG", 24) + " " + pad("VM SIZE", 7, right: true) + " " + pad("DATE", 19) + " " + pad("VM CLOCK", 15) + " " + "ICOUNT"
+
+    static func line(_ s: SnapshotTableEntry) -> String {
+        let date = formatDate(s.dateSeconds)
+        let ns = s.vmClockNanoseconds
+        let secs = ns / 1_000_000_000
+        let clock = "\(zeroPadded(secs / 3600, 4)):\(zeroPadded((secs / 60) % 60, 2)):\(zeroPadded(secs % 60, 2)).\(zeroPadded((ns / 1_000_000) % 1000, 3))"
+        let icount = (s.icount == nil || s.icount == UInt64.max) ? "" : String(s.icount!)
+        let vmSize = s.vmStateSize == 0 ? "0 B" : humanSize(s.vmStateSize)
+        return pad(s.id, 4) + " " + pad(s.name, 24) + " " + pad(vmSize, 7, right: true) + " " + date + " " + pad(clock, 15) + " " + icount
+    }
+
+    static func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
+        guard s.count < n else { return s }
+        let fill = String(repeating: " ", count: n - s.count)
+        return right ? fill + s : s + fill
+    }
+}
+
+/// Decimal with leading zeros to `width` digits.
+func zeroPadded(_ v: UInt64, _ width: Int) -> String {
+    let t = String(v)
+    return String(repeating: "0", count: max(0, width - t.count)) + t
+}
+
+/// "1 GiB", "196 KiB", "1.5 MiB": qemu's `size_to_str`.
+func humanSize(_ value: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    var v = Double(value)
+    var i = 0
+    // QEMU switches unit when the value reaches 1000 of the current unit (0.977 of the next).
+    while v >= 1000 && i < units.count - 1 {
+        v /= 1024
+        i += 1
+    }
+    if i == 0 { return "\(value) B" }
+    // "%0.3g": three significant digits, trailing zeros dropped.
+    return "\(threeSignificant(v)) \(units[i])"
+}
+
+func threeSignificant(_ v: Double) -> String {
+    let digitsBeforePoint = v >= 100 ? 3 : (v >= 10 ? 2 : 1)
+    let decimals = max(0, 3 - digitsBeforePoint)
+    var scale = 1.0
+    for _ in 0..<decimals { scale *= 10 }
+    let rounded = (v * scale).rounded() / scale
+    var s = String(rounded)
+    if s.hasSuffix(".0") { s.removeLast(2) }
+    if s.contains(".") {
+        while s.hasSuffix("0") { s.removeLast() }
+        if s.hasSuffix(".") { s.removeLast() }
+    }
+    return s
+}
+
+func formatDate(_ seconds: UInt32) -> String {
+    var t = time_t(seconds)
+    var tm = tm()
+    localtime_r(&t, &tm)
+    func z(_ v: Int32, _ w: Int) -> String { let s = String(v); return String(repeating: "0", count: max(0, w - s.count)) + s }
+    return "\(z(tm.tm_year + 1900, 4))-\(z(tm.tm_mon + 1, 2))-\(z(tm.tm_mday, 2)) \(z(tm.tm_hour, 2)):\(z(tm.tm_min, 2)):\(z(tm.tm_sec, 2))"
+}
