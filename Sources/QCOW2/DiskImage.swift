@@ -152,7 +152,7 @@ public final class DiskImage: BlockDevice, Sendable {
         let p = e.piece
         var offset: UInt64?
         var file: String?
-        if p.hasHost && (p.kind == .data || p.kind == .zero) {
+        if p.hasHost && p.kind != .compressed {
             offset = p.host + (start - p.start)
             file = files.path(FileKey(layer: e.depth, dataFile: p.inDataFile))
         }

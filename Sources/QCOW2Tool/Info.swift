@@ -51,11 +51,11 @@ struct ImageInfo {
     private var formatSpecific: [(String, JSONValue)] {
         guard let h = layer.header?.header else { return [] }
         var data: [(String, JSONValue)] = [("compat", .string(h.version >= 3 ? "1.1" : "0.10"))]
-        if let df = layer.dataFile { data.append(("data-file", .string(df))) }
-        if h.hasExternalDataFile { data.append(("data-file-raw", .bool(h.autoclearFeatures.contains(.dataFileRaw)))) }
         data.append(("compression-type", .string(h.compressionType.description)))
         if h.version >= 3 { data.append(("lazy-refcounts", .bool(h.compatibleFeatures.contains(.lazyRefcounts)))) }
         data.append(("refcount-bits", .int(Int64(h.refcountBits))))
+        if let df = layer.dataFile { data.append(("data-file", .string(df))) }
+        if h.hasExternalDataFile { data.append(("data-file-raw", .bool(h.autoclearFeatures.contains(.dataFileRaw)))) }
         if h.version >= 3 {
             data.append(("corrupt", .bool(h.incompatibleFeatures.contains(.corrupt))))
             data.append(("extended-l2", .bool(h.hasExtendedL2)))
@@ -65,6 +65,9 @@ struct ImageInfo {
 
     func json(indent: Int) -> String {
         var obj: [(String, JSONValue)] = []
+        if let fmt = layer.header?.backingFormat, layer.backingFileName != nil {
+            obj.append(("backing-filename-format", .string(fmt)))
+        }
         if !snapshots.isEmpty {
             obj.append(("snapshots", .array(snapshots.map { s in
                 .object([
@@ -78,9 +81,6 @@ struct ImageInfo {
                     ("vm-state-size", .int(Int64(s.vmStateSize))),
                 ])
             })))
-        }
-        if let fmt = layer.header?.backingFormat, layer.backingFileName != nil {
-            obj.append(("backing-filename-format", .string(fmt)))
         }
         obj.append(("virtual-size", .int(Int64(layer.virtualSize))))
         obj.append(("filename", .string(layer.path)))
@@ -130,16 +130,20 @@ struct ImageInfo {
 
 /// qemu-img's snapshot table formatting (`bdrv_snapshot_dump`).
 enum SnapshotListing {
-    static let header = pad("ID", 4) + " " + pad("TAG", 24) + " " + pad("VM SIZE", 7, right: true) + " " + pad("DATE", 19) + " " + pad("VM CLOCK", 15) + " " + "ICOUNT"
+    /// `%-10s%-17s%8s%20s%13s%11s` in QEMU's `bdrv_snapshot_dump`.
+    static let header = pad("ID", 10) + pad("TAG", 17) + pad("VM SIZE", 8, right: true) + pad("DATE", 20, right: true)
+        + pad("VM CLOCK", 13, right: true) + pad("ICOUNT", 11, right: true)
 
+    /// `%-9s %-16s %8s%20s%13s%11s`.
     static func line(_ s: SnapshotTableEntry) -> String {
         let date = formatDate(s.dateSeconds)
         let ns = s.vmClockNanoseconds
         let secs = ns / 1_000_000_000
-        let clock = "\(zeroPadded(secs / 3600, 4)):\(zeroPadded((secs / 60) % 60, 2)):\(zeroPadded(secs % 60, 2)).\(zeroPadded((ns / 1_000_000) % 1000, 3))"
-        let icount = (s.icount == nil || s.icount == UInt64.max) ? "" : String(s.icount!)
-        let vmSize = s.vmStateSize == 0 ? "0 B" : humanSize(s.vmStateSize)
-        return pad(s.id, 4) + " " + pad(s.name, 24) + " " + pad(vmSize, 7, right: true) + " " + date + " " + pad(clock, 15) + " " + icount
+        let clock = "\(zeroPadded(secs / 3600, 2)):\(zeroPadded((secs / 60) % 60, 2)):\(zeroPadded(secs % 60, 2)).\(zeroPadded((ns / 1_000_000) % 1000, 3))"
+        let icount = s.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
+        let vmSize = humanSize(s.vmStateSize)
+        return pad(s.id, 9) + " " + pad(s.name, 16) + " " + pad(vmSize, 8, right: true) + pad(date, 20, right: true)
+            + pad(clock, 13, right: true) + pad(icount, 11, right: true)
     }
 
     static func pad(_ s: String, _ n: Int, right: Bool = false) -> String {

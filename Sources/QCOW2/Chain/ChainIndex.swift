@@ -99,8 +99,9 @@ final class ChainIndex: Sendable {
                 for p in inside { try l.map(start: p.lowerBound, end: p.upperBound, files: files, into: &pieces) }
             }
             var next: [Range<UInt64>] = []
+            let isLast = i == layers.count - 1
             for p in pieces {
-                if p.kind == .unallocated {
+                if p.kind == .unallocated && !isLast {
                     if let last = next.last, last.upperBound == p.start {
                         next[next.count - 1] = last.lowerBound..<p.end
                     } else {

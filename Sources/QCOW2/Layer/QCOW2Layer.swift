@@ -220,7 +220,11 @@ final class QCOW2Layer: Sendable {
                 piece = LayerPiece(start: pos, length: subEnd - pos, kind: .zero, host: hostHere, inDataFile: inData)
             case .zeroPlain:
                 piece = LayerPiece(start: pos, length: subEnd - pos, kind: .zero, host: LayerPiece.noHost, inDataFile: false)
-            case .unallocatedPlain, .unallocatedAllocated, .compressed:
+            case .unallocatedAllocated:
+                // Host space is reserved but unused; QEMU still reports its offset when no
+                // backing layer takes over.
+                piece = LayerPiece(start: pos, length: subEnd - pos, kind: .unallocated, host: hostHere, inDataFile: inData)
+            case .unallocatedPlain, .compressed:
                 piece = LayerPiece(start: pos, length: subEnd - pos, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false)
             }
             LayerPiece.append(piece, to: &out)
