@@ -54,3 +54,18 @@ const int cqcow2_FALLOC_FL_KEEP_SIZE = 0;
 const int cqcow2_FALLOC_FL_PUNCH_HOLE = 0;
 const int cqcow2_FALLOC_FL_ZERO_RANGE = 0;
 #endif
+
+int cqcow2_ofd_test(int fd, int64_t start, int64_t len) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)start;
+    fl.l_len = (off_t)len;
+#ifdef F_OFD_GETLK
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0) return -1;
+#else
+    if (fcntl(fd, F_GETLK, &fl) < 0) return -1;
+#endif
+    return fl.l_type == F_UNLCK ? 0 : 1;
+}

@@ -19,11 +19,18 @@ public final class DiskImage: BlockDevice, Sendable {
     let files: OpenFileCache
     let index: ChainIndex
     private let compressedCache: Mutex<LRUCache<CompressedKey, [UInt8]>>
+    /// The top image's handle, kept open for the lifetime of the image so that its OFD
+    /// locks stay held even when the open-file cache closes other descriptors.
+    private let topHandle: FileHandle
+    /// Set once by `open` for writable images, never changed afterwards.
+    nonisolated(unsafe) private var writer: ImageWriter?
+    nonisolated(unsafe) private var rawWriter: FileHandle?
 
     private struct CompressedKey: Hashable { var layer: Int32; var host: UInt64 }
 
-    private init(path: String, layers: [Layer], files: OpenFileCache, options: OpenOptions) {
+    private init(path: String, layers: [Layer], files: OpenFileCache, options: OpenOptions, top: FileHandle) {
         self.path = path
+        topHandle = top
         self.layers = layers
         self.files = files
         virtualSize = layers[0].virtualSize
@@ -37,7 +44,85 @@ public final class DiskImage: BlockDevice, Sendable {
         let maxOpen = options.maxOpenFiles ?? max(16, Paths.openFileLimit() / 4)
         let files = OpenFileCache(maxOpenFiles: maxOpen, writable: options.writable)
         let layers = try ChainOpener.open(path: path, options: options, files: files)
-        return DiskImage(path: path, layers: layers, files: files, options: options)
+        let top = try files.handle(FileKey(layer: 0, dataFile: false))
+        try top.lockImage(forWriting: options.writable)
+        let disk = DiskImage(path: path, layers: layers, files: files, options: options, top: top)
+        if options.writable {
+            switch layers[0] {
+            case let .qcow2(layer):
+                let dataFile = layer.dataFilePath != nil ? try files.handle(FileKey(layer: 0, dataFile: true)) : nil
+                disk.writer = try ImageWriter(
+                    layer: layer, file: top, dataFile: dataFile, l2Cache: disk.index.l2Cache, hasBacking: layers.count > 1,
+                    readGuest: { [unowned disk] offset, buffer in try disk.read(at: offset, into: buffer) },
+                    invalidate: { [unowned disk] start, end in disk.index.invalidate(start: start, end: end) })
+            case .raw:
+                disk.rawWriter = top
+            }
+        }
+        return disk
+    }
+
+    /// True when the image was opened for writing.
+    public var isWritable: Bool { writer != nil || rawWriter != nil }
+
+    // MARK: Writing
+
+    private func checkRange(_ offset: UInt64, _ count: UInt64) throws {
+        guard offset <= virtualSize, count <= virtualSize - offset else {
+            throw QCOW2Error.invalidArgument("request of \(count) bytes at offset \(offset) is past the end of the disk (\(virtualSize) bytes)")
+        }
+        guard isWritable else { throw QCOW2Error.invalidArgument("\(path): image is opened read-only") }
+    }
+
+    /// Writes `data` at `offset`: in place where the top layer owns the cluster, otherwise
+    /// into a newly allocated cluster filled by copy-on-write from the chain.
+    public func write(at offset: UInt64, from data: UnsafeRawBufferPointer) throws {
+        try checkRange(offset, UInt64(data.count))
+        guard !data.isEmpty else { return }
+        if let writer { try writer.write(at: offset, data) } else { try rawWriter?.write(data, at: offset) }
+    }
+
+    /// Makes a range read as zeros; `unmap` allows releasing the host clusters.
+    public func writeZeroes(at offset: UInt64, length: UInt64, unmap: Bool = false) throws {
+        try checkRange(offset, length)
+        guard length > 0 else { return }
+        if let writer {
+            try writer.writeZeroes(at: offset, length: length, unmap: unmap)
+        } else if let raw = rawWriter {
+            if !(unmap && raw.punchHole(at: offset, length: length)) {
+                try raw.write([UInt8](repeating: 0, count: Int(length)), at: offset)
+            }
+        }
+    }
+
+    /// Guest discard (TRIM): whole clusters read as zeros afterwards and their space is freed.
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try checkRange(offset, length)
+        guard length > 0 else { return }
+        if let writer { try writer.discard(at: offset, length: length) } else { rawWriter?.punchHole(at: offset, length: length) }
+    }
+
+    /// Writes one whole cluster compressed (qcow2 only, over an unallocated cluster).
+    public func writeCompressed(at offset: UInt64, from data: UnsafeRawBufferPointer) throws {
+        try checkRange(offset, UInt64(data.count))
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): compressed writes need a writable qcow2 image") }
+        try writer.writeCompressed(clusterStart: offset, data)
+    }
+
+    /// Cluster size of the top layer (the unit of compressed writes), or 64 KiB for raw.
+    public var clusterSize: UInt64 {
+        if case let .qcow2(l) = layers[0] { return l.geometry.clusterSize }
+        return 65536
+    }
+
+    /// Makes every completed write durable.
+    public func flush() throws {
+        if let writer { try writer.flush() } else { try rawWriter?.sync() }
+    }
+
+    /// Flushes and finishes writing (clears the dirty bit set for lazy refcounts).
+    public func closeWriting() throws {
+        if let writer { try writer.close() } else { try rawWriter?.sync() }
     }
 
     /// Number of layers (1 for an image without a backing file).
@@ -53,8 +138,11 @@ public final class DiskImage: BlockDevice, Sendable {
         }
     }
 
-    /// Closes every file of the chain now (they also close when the image is released).
-    public func close() { files.closeAll() }
+    /// Finishes writing (if writable) and closes the chain's files.
+    public func close() throws {
+        try closeWriting()
+        files.closeAll()
+    }
 
     // MARK: Reading
 

@@ -68,7 +68,8 @@ func parseSize(_ text: String) -> UInt64? {
         default: return nil
         }
     }
-    guard let value = UInt64(digits) else { return nil }
+    let parsed = digits.hasPrefix("0x") ? UInt64(digits.dropFirst(2), radix: 16) : UInt64(digits)
+    guard let value = parsed else { return nil }
     let (result, overflow) = value.multipliedReportingOverflow(by: multiplier)
     return overflow ? nil : result
 }

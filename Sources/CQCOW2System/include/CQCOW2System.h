@@ -11,6 +11,9 @@ int64_t cqcow2_lseek_hole(int fd, int64_t offset);
 /// Returns 0 on success, -1 with errno (EAGAIN/EACCES when another holder conflicts).
 int cqcow2_ofd_lock(int fd, int exclusive, int64_t start, int64_t len);
 int cqcow2_ofd_unlock(int fd, int64_t start, int64_t len);
+/// 1 when another open file description holds a lock on the byte range that conflicts
+/// with a write lock, 0 when not, -1 on error.
+int cqcow2_ofd_test(int fd, int64_t start, int64_t len);
 extern const int cqcow2_FALLOC_FL_KEEP_SIZE;
 extern const int cqcow2_FALLOC_FL_PUNCH_HOLE;
 extern const int cqcow2_FALLOC_FL_ZERO_RANGE;

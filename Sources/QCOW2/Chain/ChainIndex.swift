@@ -31,6 +31,8 @@ final class ChainIndex: Sendable {
     let regionBits: UInt32
     let virtualSize: UInt64
     private let cache: Mutex<LRUCache<UInt64, [ChainExtent]>>
+    /// Bumped by every invalidation, so a resolution that raced with a write is not cached.
+    private let generation = Atomic<UInt64>(0)
 
     init(layers: [Layer], files: OpenFileCache, l2Cache: L2SliceCache, budget: Int) {
         self.layers = layers
@@ -50,8 +52,13 @@ final class ChainIndex: Sendable {
     /// The extents of region `r`, resolving it if it is not cached.
     func region(_ r: UInt64) throws -> [ChainExtent] {
         if let hit = cache.withLock({ $0.value(for: r) }) { return hit }
+        let before = generation.load(ordering: .acquiring)
         let extents = try resolve(r)
-        cache.withLock { $0.insert(extents, for: r, cost: 64 + extents.count * MemoryLayout<ChainExtent>.stride) }
+        cache.withLock { c in
+            if generation.load(ordering: .acquiring) == before {
+                c.insert(extents, for: r, cost: 64 + extents.count * MemoryLayout<ChainExtent>.stride)
+            }
+        }
         return extents
     }
 
@@ -60,6 +67,7 @@ final class ChainIndex: Sendable {
         guard end > start else { return }
         let first = start >> UInt64(regionBits), last = (end - 1) >> UInt64(regionBits)
         cache.withLock { c in
+            generation.add(1, ordering: .releasing)
             if last - first > UInt64(c.count) {
                 c.removeAll()
             } else {
@@ -68,7 +76,12 @@ final class ChainIndex: Sendable {
         }
     }
 
-    func invalidateAll() { cache.withLock { $0.removeAll() } }
+    func invalidateAll() {
+        cache.withLock { c in
+            generation.add(1, ordering: .releasing)
+            c.removeAll()
+        }
+    }
 
     private func resolve(_ r: UInt64) throws -> [ChainExtent] {
         let start = r << UInt64(regionBits)

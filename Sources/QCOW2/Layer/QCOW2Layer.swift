@@ -11,8 +11,13 @@ final class QCOW2Layer: Sendable {
     let index: Int32
     let image: ImageHeader
     let geometry: ClusterGeometry
-    let l1: [UInt64]
-    let fileSize: UInt64
+    /// The active L1 entries covering the virtual size, and the file's known end. Mutable
+    /// only for the writable top layer (its writer updates them under its own lock).
+    let l1: Mutex<[UInt64]>
+    let fileEnd: Atomic<UInt64>
+    /// L2 tables changed in memory but not yet written (writable top layer only); reads
+    /// consult them before the file.
+    let dirtyL2 = Mutex<[UInt64: [UInt8]]>([:])
     let dataFilePath: String?
 
     var header: QCOW2Header { image.header }
@@ -29,7 +34,7 @@ final class QCOW2Layer: Sendable {
         self.path = path
         self.index = index
         let size = try file.size()
-        fileSize = size
+        fileEnd = Atomic(size)
         image = try Self.readHeader(file: file, path: path, fileSize: size)
         let h = image.header
         geometry = ClusterGeometry(clusterBits: h.clusterBits, extendedL2: h.hasExtendedL2)
@@ -75,7 +80,7 @@ final class QCOW2Layer: Sendable {
             }
             for i in l1.indices { l1[i] = UInt64(bigEndian: l1[i]) }
         }
-        self.l1 = l1
+        self.l1 = Mutex(l1)
     }
 
     static func readHeader(file: FileHandle, path: String, fileSize: UInt64) throws -> ImageHeader {
@@ -122,7 +127,7 @@ final class QCOW2Layer: Sendable {
             let l1i = g.l1Index(pos)
             let l2Start = l1i << UInt64(g.clusterBits + g.l2EntriesBits)
             let l2End = min(end, l2Start &+ g.l2Coverage)
-            let l1e = L1Entry(rawValue: l1i < UInt64(l1.count) ? l1[Int(l1i)] : 0)
+            let l1e = L1Entry(rawValue: l1.withLock { l1i < UInt64($0.count) ? $0[Int(l1i)] : 0 })
             let l2Offset = l1e.l2Offset
             if l2Offset == 0 {
                 LayerPiece.append(LayerPiece(start: pos, length: l2End - pos, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false), to: &out)
@@ -132,7 +137,7 @@ final class QCOW2Layer: Sendable {
             guard g.offsetInCluster(l2Offset) == 0 else {
                 throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) unaligned (L1 index \(l1i))")
             }
-            guard l2Offset < fileSize else {
+            guard l2Offset < fileEnd.load(ordering: .relaxed) else {
                 throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) (L1 index \(l1i)) lies beyond the end of the file")
             }
             while pos < l2End {
@@ -142,6 +147,10 @@ final class QCOW2Layer: Sendable {
                 let slice: [UInt8]
                 if let m = memo, m.host == sliceHost {
                     slice = m.bytes
+                } else if let table = dirtyL2.withLock({ $0[l2Offset] }) {
+                    let from = Int(sliceIndex * sliceBytes)
+                    slice = Array(table[from..<(from + Int(sliceBytes))])
+                    memo = (sliceHost, slice)
                 } else {
                     slice = try l2Cache.slice(layer: self, host: sliceHost, files: files)
                     memo = (sliceHost, slice)
@@ -238,18 +247,27 @@ final class QCOW2Layer: Sendable {
 final class L2SliceCache: Sendable {
     private struct Key: Hashable { var layer: Int32; var host: UInt64 }
     private let cache: Mutex<LRUCache<Key, [UInt8]>>
+    private let generation = Atomic<UInt64>(0)
 
     init(budget: Int) { cache = Mutex(LRUCache(budget: budget)) }
 
     func slice(layer: QCOW2Layer, host: UInt64, files: OpenFileCache) throws -> [UInt8] {
         let key = Key(layer: layer.index, host: host)
         if let s = cache.withLock({ $0.value(for: key) }) { return s }
+        let before = generation.load(ordering: .acquiring)
         let file = try files.handle(FileKey(layer: layer.index, dataFile: false))
         let bytes = try file.read(count: Int(layer.sliceBytes), at: host)
-        cache.withLock { $0.insert(bytes, for: key, cost: bytes.count + 64) }
+        cache.withLock { c in
+            if generation.load(ordering: .acquiring) == before { c.insert(bytes, for: key, cost: bytes.count + 64) }
+        }
         return bytes
     }
 
-    /// Drops cached slices of one layer (after it changes).
-    func invalidate(layer: Int32) { cache.withLock { $0.removeAll { $0.layer == layer } } }
+    /// Drops cached slices of one L2 table (after it is rewritten on disk).
+    func invalidate(layer: Int32, table: UInt64, tableSize: UInt64) {
+        cache.withLock { c in
+            generation.add(1, ordering: .releasing)
+            c.removeAll { $0.layer == layer && $0.host >= table && $0.host < table + tableSize }
+        }
+    }
 }

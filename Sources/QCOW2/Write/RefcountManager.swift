@@ -15,6 +15,8 @@ final class RefcountManager {
     private(set) var tableClusters: UInt32
     private(set) var table: [UInt64]
     private var blocks: [UInt64: [UInt8]] = [:]
+    /// Host offsets of every refcount block (for the overlap check).
+    private(set) var blockOffsets: Set<UInt64> = []
     private let blockBudget: Int
     /// Lowest cluster index that may be free.
     private var freeHint: UInt64 = 1
@@ -54,6 +56,7 @@ final class RefcountManager {
             t[i] = e.blockOffset
         }
         table = t
+        blockOffsets = Set(t.filter { $0 != 0 })
     }
 
     // MARK: Reading and setting refcounts
@@ -142,6 +145,9 @@ final class RefcountManager {
         for c in first...last { try increment(cluster: c, by: -1) }
     }
 
+    /// The first free cluster (without taking it), like QEMU's `alloc_clusters_noref`.
+    func nextFreeCluster() throws -> UInt64 { try findFree(1) }
+
     private func findFree(_ count: UInt64) throws -> UInt64 {
         var c = max(freeHint, 1)
         var runStart = c
@@ -181,6 +187,7 @@ final class RefcountManager {
             if table[Int(r)] != 0 { return table[Int(r)] }  // created meanwhile by recursion
         }
         blocks[newOffset] = b
+        blockOffsets.insert(newOffset)
         table[Int(r)] = newOffset
         var be = newOffset.bigEndian
         try withUnsafeBytes(of: &be) { try file.write($0, at: tableOffset + r * 8) }
@@ -245,7 +252,10 @@ final class RefcountManager {
         let oldOffset = tableOffset, oldClusters = tableClusters
         try switchTable(tableStart << UInt64(clusterBits), UInt32(tableClustersNeeded))
         try file.sync()
-        for (range, bytes) in blockContents { blocks[newTable[Int(range)]] = bytes }
+        for (range, bytes) in blockContents {
+            blocks[newTable[Int(range)]] = bytes
+            blockOffsets.insert(newTable[Int(range)])
+        }
         table = newTable
         tableOffset = tableStart << UInt64(clusterBits)
         tableClusters = UInt32(tableClustersNeeded)

@@ -1,0 +1,606 @@
+import QCOW2Format
+
+/// The write side of the top qcow2 layer: guest writes, zero writes, discards, flushes.
+///
+/// Metadata follows QEMU's crash-safe order (format doc §14.5) with write-back L2/L1:
+/// - refcount increases are written at once (write-through), data is written at once;
+/// - changed L2 tables stay in memory (visible to reads through the layer's `dirtyL2`)
+///   and changed L1 entries are remembered;
+/// - `flush` syncs (data and refcounts durable), writes the L2 tables, syncs, writes the L1
+///   entries, syncs, and only then applies the refcount decreases of clusters that were
+///   unlinked — so a crash at any point leaves leaks at worst, never a reference to a
+///   cluster with a too-low refcount.
+/// All metadata work is serialized by one lock.
+final class ImageWriter: @unchecked Sendable {
+    let layer: QCOW2Layer
+    let file: FileHandle
+    let dataFile: FileHandle?
+    let l2Cache: L2SliceCache
+    /// Reads the current guest view (through the chain) for copy-on-write.
+    let readGuest: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void
+    /// Drops chain-index resolutions of a guest range after its mapping changed.
+    let invalidate: (UInt64, UInt64) -> Void
+    let hasBacking: Bool
+
+    private let lock = Lock()
+    private var image: ImageHeader
+    private let refcounts: RefcountManager
+    private var dirtyL1: Set<Int> = []
+    private var dirtyTables: Set<UInt64> = []
+    private var l2Tables: Set<UInt64> = []
+    /// (host offset, length, punch hole when freed)
+    private var pendingFrees: [(UInt64, UInt64, Bool)] = []
+    private var freeByteOffset: UInt64 = 0
+    private var setDirtyBit = false
+    private(set) var isReadOnly = false
+
+    private var g: ClusterGeometry { layer.geometry }
+    private var cs: UInt64 { layer.geometry.clusterSize }
+    private var virtualSize: UInt64 { layer.virtualSize }
+    /// Budget of L2 tables held dirty before an automatic flush.
+    private let dirtyBudget = 16 << 20
+
+    init(layer: QCOW2Layer, file: FileHandle, dataFile: FileHandle?, l2Cache: L2SliceCache, hasBacking: Bool,
+         readGuest: @escaping (UInt64, UnsafeMutableRawBufferPointer) throws -> Void,
+         invalidate: @escaping (UInt64, UInt64) -> Void) throws {
+        self.layer = layer
+        self.file = file
+        self.dataFile = dataFile
+        self.l2Cache = l2Cache
+        self.readGuest = readGuest
+        self.invalidate = invalidate
+        self.hasBacking = hasBacking
+        image = layer.image
+        let h = layer.image.header
+        refcounts = try RefcountManager(file: file, header: h) { offset, clusters in
+            var pair: [UInt8] = []
+            pair.appendBE(offset)
+            pair.appendBE(clusters)
+            try file.write(pair, at: 48)
+        }
+        for e in layer.l1.withLock({ $0 }) where L1Entry(rawValue: e).l2Offset != 0 {
+            l2Tables.insert(L1Entry(rawValue: e).l2Offset)
+        }
+        // Unknown autoclear bits, and the bitmaps bit (bitmaps are not maintained), are
+        // cleared before the first modification, as QEMU does.
+        let keep = AutoclearFeatures.dataFileRaw
+        if image.header.autoclearFeatures.rawValue & ~keep.rawValue != 0 {
+            image.header.autoclearFeatures = AutoclearFeatures(rawValue: image.header.autoclearFeatures.rawValue & keep.rawValue)
+            try writeHeaderField(at: 88, image.header.autoclearFeatures.rawValue)
+            try file.sync()
+        }
+    }
+
+    private func writeHeaderField(at offset: UInt64, _ value: UInt64) throws {
+        var b: [UInt8] = []
+        b.appendBE(value)
+        try file.write(b, at: offset)
+    }
+
+    private func ensureWritable() throws {
+        guard !isReadOnly else {
+            throw QCOW2Error.corrupt(path: layer.path, "image was marked corrupt and is now read-only")
+        }
+        if image.header.compatibleFeatures.contains(.lazyRefcounts) && !setDirtyBit && image.header.version >= 3 {
+            // Lazy refcounts: mark the image dirty before the first change (cleared on close).
+            image.header.incompatibleFeatures.insert(.dirty)
+            try writeHeaderField(at: 72, image.header.incompatibleFeatures.rawValue)
+            try file.sync()
+            setDirtyBit = true
+        }
+    }
+
+    // MARK: L2 tables
+
+    /// The L2 table for L1 index `l1i`, allocated or copied so that it may be modified.
+    private func writableTable(_ l1i: Int) throws -> UInt64 {
+        let e = L1Entry(rawValue: layer.l1.withLock { l1i < $0.count ? $0[l1i] : 0 })
+        if e.l2Offset != 0 && e.isCopied {
+            try loadTable(e.l2Offset)
+            return e.l2Offset
+        }
+        let newOffset = try refcounts.allocate(clusters: 1)
+        var table = [UInt8](repeating: 0, count: Int(cs))
+        if e.l2Offset != 0 {
+            // Shared L2 (refcount > 1): copy it; the data refcounts do not change.
+            try loadTable(e.l2Offset)
+            table = layer.dirtyL2.withLock { $0[e.l2Offset]! }
+            pendingFrees.append((e.l2Offset, cs, false))
+        }
+        layer.dirtyL2.withLock { $0[newOffset] = table }
+        dirtyTables.insert(newOffset)
+        l2Tables.insert(newOffset)
+        layer.l1.withLock { $0[l1i] = L1Entry(l2Offset: newOffset, copied: true).rawValue }
+        dirtyL1.insert(l1i)
+        bumpFileEnd(newOffset + cs)
+        return newOffset
+    }
+
+    private func loadTable(_ offset: UInt64) throws {
+        if layer.dirtyL2.withLock({ $0[offset] != nil }) { return }
+        let bytes = try file.read(count: Int(cs), at: offset)
+        layer.dirtyL2.withLock { $0[offset] = bytes }
+    }
+
+    private func entry(_ table: UInt64, _ index: Int) -> L2Entry {
+        layer.dirtyL2.withLock { d in
+            d[table]!.withUnsafeBytes { raw in
+                g.extendedL2
+                    ? L2Entry(rawValue: loadBE64(raw, index * 16), bitmap: loadBE64(raw, index * 16 + 8))
+                    : L2Entry(rawValue: loadBE64(raw, index * 8))
+            }
+        }
+    }
+
+    private func setEntry(_ table: UInt64, _ index: Int, _ e: L2Entry) {
+        let ext = g.extendedL2
+        layer.dirtyL2.withLock { d in
+            d[table]!.withUnsafeMutableBytes { raw in
+                if ext {
+                    raw.storeBytes(of: e.rawValue.bigEndian, toByteOffset: index * 16, as: UInt64.self)
+                    raw.storeBytes(of: e.bitmap.bigEndian, toByteOffset: index * 16 + 8, as: UInt64.self)
+                } else {
+                    raw.storeBytes(of: e.rawValue.bigEndian, toByteOffset: index * 8, as: UInt64.self)
+                }
+            }
+        }
+        dirtyTables.insert(table)
+    }
+
+    private func bumpFileEnd(_ end: UInt64) {
+        var current = layer.fileEnd.load(ordering: .relaxed)
+        while end > current {
+            let (exchanged, original) = layer.fileEnd.compareExchange(expected: current, desired: end, ordering: .relaxed)
+            if exchanged { break }
+            current = original
+        }
+    }
+
+    private func kind(of e: L2Entry, at guest: UInt64) throws -> ClusterKind {
+        do {
+            return try e.clusterKind(geometry: g, version: image.header.version, externalData: image.header.hasExternalDataFile)
+        } catch {
+            throw QCOW2Error.corrupt(path: layer.path, "guest offset 0x\(String(guest, radix: 16)): \(error)")
+        }
+    }
+
+    /// Queues the release of the host clusters an entry owned (applied after the next
+    /// metadata sync, so the unlink is durable first).
+    private func releaseOld(_ kind: ClusterKind, punch: Bool) {
+        switch kind {
+        case let .normal(h), let .zeroAllocated(h):
+            if dataFile == nil { pendingFrees.append((h, cs, punch)) }
+        case let .compressed(d):
+            pendingFrees.append((d.hostOffset, d.compressedSize, punch))
+        case .unallocated, .zeroPlain:
+            break
+        }
+    }
+
+    // MARK: Overlap check
+
+    /// True when host cluster `c` holds metadata (QEMU's overlap check before data writes).
+    private func isMetadata(_ host: UInt64) -> Bool {
+        let h = image.header
+        if host < cs { return true }
+        func inside(_ start: UInt64, _ bytes: UInt64) -> Bool { bytes > 0 && host + cs > start && host < start + bytes }
+        if inside(h.l1TableOffset, UInt64(h.l1Size) * 8) { return true }
+        if inside(refcounts.tableOffset, UInt64(refcounts.tableClusters) * cs) { return true }
+        if refcounts.blockOffsets.contains(host) { return true }
+        if l2Tables.contains(host) { return true }
+        if h.nbSnapshots > 0 && host == h.snapshotsOffset { return true }
+        return false
+    }
+
+    private func markCorrupt(_ reason: String) throws -> Never {
+        isReadOnly = true
+        if image.header.version >= 3 {
+            image.header.incompatibleFeatures.insert(.corrupt)
+            try? writeHeaderField(at: 72, image.header.incompatibleFeatures.rawValue)
+            try? file.sync()
+        }
+        throw QCOW2Error.corrupt(path: layer.path, "Marking image as corrupt: \(reason); further corruption events will be suppressed")
+    }
+
+    private func writeData(_ data: UnsafeRawBufferPointer, at host: UInt64) throws {
+        if let dataFile {
+            try dataFile.write(data, at: host)
+        } else {
+            try file.write(data, at: host)
+            bumpFileEnd(host + UInt64(data.count))
+        }
+    }
+
+    // MARK: Guest writes
+
+    func write(at offset: UInt64, _ data: UnsafeRawBufferPointer) throws {
+        try lock.withLock {
+            try ensureWritable()
+            var pos = offset
+            let end = offset + UInt64(data.count)
+            while pos < end {
+                let clusterStart = pos & ~(cs - 1)
+                let n = min(end, clusterStart + cs) - pos
+                let slice = UnsafeRawBufferPointer(rebasing: data[Int(pos - offset)..<Int(pos - offset + n)])
+                try writeCluster(clusterStart, inCluster: pos - clusterStart, slice)
+                pos += n
+            }
+            invalidate(offset, end)
+            try flushIfOverBudget()
+        }
+    }
+
+    private func writeCluster(_ clusterStart: UInt64, inCluster: UInt64, _ data: UnsafeRawBufferPointer) throws {
+        let table = try writableTable(Int(g.l1Index(clusterStart)))
+        let index = Int(g.l2Index(clusterStart))
+        let old = entry(table, index)
+        let oldKind = try kind(of: old, at: clusterStart)
+        if g.extendedL2 {
+            return try writeSubclusters(clusterStart, inCluster: inCluster, data, table: table, index: index, old: old, oldKind: oldKind)
+        }
+        if case let .normal(host) = oldKind, old.isCopied || dataFile != nil {
+            if dataFile == nil && isMetadata(host) {
+                try markCorrupt("preventing a data write to host offset 0x\(String(host, radix: 16)), which holds metadata")
+            }
+            return try writeData(data, at: host + inCluster)
+        }
+        // Allocate a new cluster and fill it: the current guest view (backing data, zeros,
+        // or the old cluster) with the new bytes on top.
+        let valid = min(cs, virtualSize - clusterStart)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        let full = inCluster == 0 && UInt64(data.count) >= valid
+        if !full { try readGuest(clusterStart, UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(valid)])) }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[Int(inCluster)..<(Int(inCluster) + data.count)]).copyMemory(from: data)
+        let host: UInt64
+        if dataFile != nil {
+            host = clusterStart  // external data files map guest offsets 1:1
+        } else {
+            host = try refcounts.allocate(clusters: 1)
+        }
+        try writeData(UnsafeRawBufferPointer(rebasing: buffer[0..<Int(valid)]), at: host)
+        setEntry(table, index, L2Entry(rawValue: host | L2Entry.copiedFlag))
+        if case let .normal(h) = oldKind, h == host { return }
+        releaseOld(oldKind, punch: false)
+    }
+
+    /// Extended L2: allocation and copy-on-write per subcluster.
+    private func writeSubclusters(_ clusterStart: UInt64, inCluster: UInt64, _ data: UnsafeRawBufferPointer,
+                                  table: UInt64, index: Int, old: L2Entry, oldKind: ClusterKind) throws {
+        let sc = g.subclusterSize
+        let first = Int(inCluster / sc), last = Int((inCluster + UInt64(data.count) - 1) / sc)
+        var alloc = UInt32(truncatingIfNeeded: old.bitmap)
+        var zero = UInt32(truncatingIfNeeded: old.bitmap >> 32)
+        var host: UInt64
+        var materialize = UInt32(0)
+        var reused = false
+        switch oldKind {
+        case let .normal(h) where old.isCopied || dataFile != nil, let .zeroAllocated(h) where old.isCopied || dataFile != nil:
+            if alloc & zero != 0 { throw QCOW2Error.corrupt(path: layer.path, "invalid subcluster bitmap at guest offset 0x\(String(clusterStart, radix: 16))") }
+            host = h
+            reused = true
+            if dataFile == nil && isMetadata(host) {
+                try markCorrupt("preventing a data write to host offset 0x\(String(host, radix: 16)), which holds metadata")
+            }
+        default:
+            host = dataFile != nil ? clusterStart : try refcounts.allocate(clusters: 1)
+            switch oldKind {
+            case .compressed: materialize = UInt32.max  // every subcluster came from the stream
+            case .normal: materialize = alloc  // shared cluster: copy its allocated subclusters
+            default: break
+            }
+            if case .compressed = oldKind { zero = 0 }
+            if case .unallocated = oldKind, alloc != 0 { throw QCOW2Error.corrupt(path: layer.path, "invalid subcluster bitmap at guest offset 0x\(String(clusterStart, radix: 16))") }
+            alloc = 0
+        }
+        let valid = min(cs, virtualSize - clusterStart)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
+        defer { buffer.deallocate() }
+        for i in 0..<32 {
+            let touched = i >= first && i <= last
+            guard touched || materialize & (1 << UInt32(i)) != 0 else { continue }
+            let subStart = UInt64(i) * sc
+            guard subStart < valid else { break }
+            let subLen = min(sc, valid - subStart)
+            let sub = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(subStart)..<Int(subStart + subLen)])
+            let writeFrom = max(subStart, inCluster), writeTo = min(subStart + subLen, inCluster + UInt64(data.count))
+            let covers = touched && writeFrom == subStart && writeTo == subStart + subLen
+            if !covers {
+                if reused && alloc & (1 << UInt32(i)) != 0 {
+                    // Already allocated in this cluster: write just the new bytes in place.
+                    if touched {
+                        let part = UnsafeRawBufferPointer(rebasing: data[Int(writeFrom - inCluster)..<Int(writeTo - inCluster)])
+                        try writeData(part, at: host + writeFrom)
+                    }
+                    continue
+                }
+                try readGuest(clusterStart + subStart, sub)
+            }
+            if touched {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[Int(writeFrom)..<Int(writeTo)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(writeFrom - inCluster)..<Int(writeTo - inCluster)]))
+            }
+            try writeData(UnsafeRawBufferPointer(sub), at: host + subStart)
+            alloc |= 1 << UInt32(i)
+            zero &= ~(1 << UInt32(i))
+        }
+        let newEntry = L2Entry(rawValue: host | L2Entry.copiedFlag, bitmap: UInt64(zero) << 32 | UInt64(alloc))
+        if newEntry != old { setEntry(table, index, newEntry) }
+        if !reused { releaseOld(oldKind, punch: false) }
+    }
+
+    // MARK: Zeroes and discard
+
+    /// Makes `[offset, offset+length)` read as zeros. Whole clusters get the zero flag (or
+    /// zero subcluster bits); with `unmap` their host clusters are released. Partial
+    /// clusters that do not already read as zeros are written with zeros.
+    func writeZeroes(at offset: UInt64, length: UInt64, unmap: Bool) throws {
+        try lock.withLock {
+            try ensureWritable()
+            let end = offset + length
+            var pos = offset
+            while pos < end {
+                let clusterStart = pos & ~(cs - 1)
+                let clusterEnd = min(clusterStart + cs, virtualSize)
+                let to = min(end, clusterEnd)
+                if image.header.version >= 3 && pos == clusterStart && to == clusterEnd {
+                    try zeroCluster(clusterStart, unmap: unmap, discard: false)
+                } else if g.extendedL2 && image.header.version >= 3 {
+                    try zeroSubclusters(clusterStart, from: pos, to: to)
+                } else {
+                    try zeroPartial(from: pos, to: to)
+                }
+                pos = to
+            }
+            invalidate(offset, end)
+            try flushIfOverBudget()
+        }
+    }
+
+    private func zeroPartial(from: UInt64, to: UInt64) throws {
+        let n = Int(to - from)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 4096)
+        defer { buffer.deallocate() }
+        try readGuest(from, buffer)
+        if RawExport.isZero(UnsafeRawBufferPointer(buffer)) { return }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        let clusterStart = from & ~(cs - 1)
+        try writeCluster(clusterStart, inCluster: from - clusterStart, UnsafeRawBufferPointer(buffer))
+    }
+
+    private func zeroSubclusters(_ clusterStart: UInt64, from: UInt64, to: UInt64) throws {
+        let sc = g.subclusterSize
+        // Whole subclusters get zero bits; partial ones are written with zeros.
+        let firstFull = (from - clusterStart + sc - 1) / sc
+        let lastFull = (to - clusterStart) / sc  // exclusive
+        let alignedEnd = clusterStart + lastFull * sc
+        if firstFull >= lastFull { return try zeroPartial(from: from, to: to) }
+        if from < clusterStart + firstFull * sc { try zeroPartial(from: from, to: clusterStart + firstFull * sc) }
+        let table = try writableTable(Int(g.l1Index(clusterStart)))
+        let index = Int(g.l2Index(clusterStart))
+        let old = entry(table, index)
+        let oldKind = try kind(of: old, at: clusterStart)
+        if case .compressed = oldKind {
+            // Materialize the cluster first, then zero the subclusters.
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
+            defer { buffer.deallocate() }
+            let valid = min(cs, virtualSize - clusterStart)
+            try readGuest(clusterStart, UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(valid)]))
+            try writeCluster(clusterStart, inCluster: 0, UnsafeRawBufferPointer(rebasing: buffer[0..<Int(valid)]))
+            return try zeroSubclusters(clusterStart, from: from, to: to)
+        }
+        var mask = UInt32(0)
+        for i in firstFull..<lastFull { mask |= 1 << UInt32(i) }
+        var bitmap = old.bitmap
+        bitmap &= ~UInt64(mask)
+        bitmap |= UInt64(mask) << 32
+        var raw = old.rawValue
+        if case .normal = oldKind, !old.isCopied, dataFile == nil {
+            // A shared cluster cannot be changed in place: copy it, then retry.
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(sc), alignment: 4096)
+            defer { buffer.deallocate() }
+            try readGuest(clusterStart, buffer)
+            try writeCluster(clusterStart, inCluster: 0, UnsafeRawBufferPointer(buffer))
+            return try zeroSubclusters(clusterStart, from: from, to: to)
+        }
+        if UInt32(truncatingIfNeeded: bitmap) == 0 && UInt32(truncatingIfNeeded: bitmap >> 32) == UInt32.max, case .normal = oldKind {
+            raw = old.rawValue  // keep the reservation, like QEMU without unmap
+        }
+        setEntry(table, index, L2Entry(rawValue: raw, bitmap: bitmap))
+        if alignedEnd < to { try zeroPartial(from: alignedEnd, to: to) }
+    }
+
+    private func zeroCluster(_ clusterStart: UInt64, unmap: Bool, discard: Bool) throws {
+        let table = try writableTable(Int(g.l1Index(clusterStart)))
+        let index = Int(g.l2Index(clusterStart))
+        let old = entry(table, index)
+        let oldKind = try kind(of: old, at: clusterStart)
+        var new: L2Entry
+        var release = false
+        if discard {
+            if !hasBacking {
+                switch oldKind {
+                case .unallocated, .zeroPlain: return  // already reads as zeros
+                default: break
+                }
+            }
+            new = g.extendedL2 ? L2Entry(rawValue: 0, bitmap: 0xFFFF_FFFF_0000_0000) : L2Entry(rawValue: image.header.version >= 3 ? L2Entry.zeroFlag : 0)
+            release = true
+        } else {
+            var keepHost: UInt64?
+            if !unmap {
+                switch oldKind {
+                case let .normal(h) where old.isCopied || dataFile != nil, let .zeroAllocated(h) where old.isCopied || dataFile != nil:
+                    keepHost = h
+                default: break
+                }
+            }
+            if let h = keepHost {
+                new = g.extendedL2 ? L2Entry(rawValue: h | L2Entry.copiedFlag, bitmap: 0xFFFF_FFFF_0000_0000)
+                    : L2Entry(rawValue: h | L2Entry.copiedFlag | L2Entry.zeroFlag)
+                if image.header.autoclearFeatures.contains(.dataFileRaw), let dataFile {
+                    // The data file must stay a valid raw image: write real zeros too.
+                    let zeros = [UInt8](repeating: 0, count: Int(min(cs, virtualSize - clusterStart)))
+                    try dataFile.write(zeros, at: h)
+                }
+            } else {
+                new = g.extendedL2 ? L2Entry(rawValue: 0, bitmap: 0xFFFF_FFFF_0000_0000) : L2Entry(rawValue: L2Entry.zeroFlag)
+                release = true
+            }
+        }
+        if new == old { return }
+        setEntry(table, index, new)
+        if release {
+            if dataFile != nil, case .normal(let h) = oldKind, discard || unmap {
+                dataFile?.punchHole(at: h, length: min(cs, virtualSize - clusterStart))
+            }
+            releaseOld(oldKind, punch: true)
+        }
+    }
+
+    /// Guest discard: whole clusters become zero clusters (v3) or unallocated (v2) and their
+    /// host clusters are released; partial clusters are left alone, as QEMU does.
+    func discard(at offset: UInt64, length: UInt64) throws {
+        try lock.withLock {
+            try ensureWritable()
+            let end = offset + length
+            var pos = (offset + cs - 1) & ~(cs - 1)
+            while pos < end {
+                let clusterEnd = min(pos + cs, virtualSize)
+                guard clusterEnd <= end else { break }
+                try zeroCluster(pos, unmap: true, discard: true)
+                pos = clusterEnd
+            }
+            invalidate(offset, end)
+            try flushIfOverBudget()
+        }
+    }
+
+    // MARK: Compressed writes
+
+    /// Writes one whole cluster compressed (QEMU's `write -c`): only over an unallocated
+    /// cluster; falls back to a normal write when compression does not save space.
+    func writeCompressed(clusterStart: UInt64, _ data: UnsafeRawBufferPointer) throws {
+        let valid = min(cs, virtualSize - clusterStart)
+        guard clusterStart % cs == 0, UInt64(data.count) == valid else {
+            throw QCOW2Error.invalidArgument("compressed writes must cover whole clusters")
+        }
+        guard dataFile == nil else { throw QCOW2Error.invalidArgument("compressed writes are not possible with an external data file") }
+        let input = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 16)
+        defer { input.deallocate() }
+        input.initializeMemory(as: UInt8.self, repeating: 0)
+        input.copyMemory(from: data)
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs) - 1, alignment: 16)
+        defer { output.deallocate() }
+        let compressed = ClusterCodec.compress(image.header.compressionType, input: UnsafeRawBufferPointer(input), output: output)
+        try lock.withLock {
+            try ensureWritable()
+            let table = try writableTable(Int(g.l1Index(clusterStart)))
+            let index = Int(g.l2Index(clusterStart))
+            let old = entry(table, index)
+            let oldKind = try kind(of: old, at: clusterStart)
+            switch oldKind {
+            case .unallocated, .zeroPlain: break
+            default: throw QCOW2Error.io(path: layer.path, operation: "compressed write over an allocated cluster", errno: 5)
+            }
+            guard let size = compressed else {
+                try writeCluster(clusterStart, inCluster: 0, UnsafeRawBufferPointer(rebasing: input[0..<Int(valid)]))
+                invalidate(clusterStart, clusterStart + cs)
+                return
+            }
+            let offset = try allocateBytes(UInt64(size))
+            try file.write(UnsafeRawBufferPointer(rebasing: output[0..<size]), at: offset)
+            bumpFileEnd(offset + UInt64(size))
+            let desc = CompressedDescriptor.encode(hostOffset: offset, length: UInt64(size), clusterBits: g.clusterBits)
+            setEntry(table, index, L2Entry(rawValue: L2Entry.compressedFlag | desc))
+            invalidate(clusterStart, clusterStart + cs)
+            try flushIfOverBudget()
+        }
+    }
+
+    /// Byte-granular allocation for compressed clusters (QEMU's `qcow2_alloc_bytes`).
+    private func allocateBytes(_ size: UInt64) throws -> UInt64 {
+        var offset = freeByteOffset
+        if offset != 0, try refcounts.refcount(ofCluster: offset / cs) >= refcounts.codec.maxValue { offset = 0 }
+        var freeInCluster = cs - (offset % cs)
+        if offset == 0 || freeInCluster < size {
+            let newCluster = try refcounts.nextFreeCluster() * cs
+            if offset == 0 || (offset + cs - 1) & ~(cs - 1) != newCluster {
+                offset = newCluster
+                freeInCluster = cs
+            } else {
+                freeInCluster += cs
+            }
+        }
+        let first = offset / cs, last = (offset + size - 1) / cs
+        for c in first...last { try refcounts.increment(cluster: c, by: 1) }
+        freeByteOffset = (offset + size) % cs == 0 ? 0 : offset + size
+        return offset
+    }
+
+    // MARK: Flush
+
+    private func flushIfOverBudget() throws {
+        if layer.dirtyL2.withLock({ $0.count }) * Int(cs) > dirtyBudget { try flushLocked() }
+    }
+
+    /// Makes every completed write durable, metadata in dependency order.
+    func flush() throws {
+        try lock.withLock { try flushLocked() }
+    }
+
+    private func flushLocked() throws {
+        // 1. Data and refcount increases.
+        try dataFile?.sync()
+        try file.sync()
+        guard !dirtyTables.isEmpty || !dirtyL1.isEmpty || !pendingFrees.isEmpty else { return }
+        // 2. L2 tables, then 3. the L1 entries that point at them.
+        let tables = dirtyTables
+        for t in tables {
+            let bytes = layer.dirtyL2.withLock { $0[t]! }
+            try file.write(bytes, at: t)
+        }
+        if !dirtyL1.isEmpty {
+            try file.sync()
+            let l1 = layer.l1.withLock { $0 }
+            for i in dirtyL1.sorted() {
+                var be = l1[i].bigEndian
+                try withUnsafeBytes(of: &be) { try file.write($0, at: image.header.l1TableOffset + UInt64(i) * 8) }
+            }
+        }
+        try file.sync()
+        dirtyTables.removeAll()
+        dirtyL1.removeAll()
+        for t in tables { l2Cache.invalidate(layer: layer.index, table: t, tableSize: cs) }
+        layer.dirtyL2.withLock { $0.removeAll() }
+        // 4. Only now that nothing points at them, release unlinked clusters.
+        let frees = pendingFrees
+        pendingFrees.removeAll()
+        for (offset, length, punch) in frees {
+            let first = offset / cs, last = (offset + length - 1) / cs
+            for c in first...last {
+                try refcounts.increment(cluster: c, by: -1)
+                if punch, try refcounts.refcount(ofCluster: c) == 0 {
+                    l2Tables.remove(c * cs)
+                    file.punchHole(at: c * cs, length: cs)
+                }
+                if try refcounts.refcount(ofCluster: c) == 0 { l2Tables.remove(c * cs) }
+            }
+        }
+        if !frees.isEmpty { try file.sync() }
+    }
+
+    /// Flushes and, if this writer set the dirty bit (lazy refcounts), clears it.
+    func close() throws {
+        try lock.withLock {
+            try flushLocked()
+            if setDirtyBit {
+                image.header.incompatibleFeatures.remove(.dirty)
+                try writeHeaderField(at: 72, image.header.incompatibleFeatures.rawValue)
+                try file.sync()
+                setDirtyBit = false
+            }
+        }
+    }
+}
