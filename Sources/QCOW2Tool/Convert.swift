@@ -5,34 +5,66 @@ import Glibc
 #endif
 
 struct Convert: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Convert an image or chain to another format (like qemu-img convert).")
+    static let configuration = CommandConfiguration(abstract: "Convert images or chains to qcow2 or raw (like qemu-img convert).")
 
     @OptionGroup var image: ImageOptions
-    @Option(name: .customShort("O"), help: "Output format (raw).") var outputFormat: String = "raw"
+    @Option(name: .customShort("O"), help: "Output format (qcow2 or raw; default raw).") var outputFormat: String = "raw"
+    @Flag(name: .customShort("c"), help: "Compress the output clusters (qcow2).") var compress = false
+    @Option(name: .customShort("o"), parsing: .singleValue, help: "Output creation options, as for create.") var options: [String] = []
+    @Option(name: .customShort("B"), help: "Backing file of the output: only the difference is written.") var outputBacking: String?
+    @Option(name: .customShort("F"), help: "Format of the -B backing file.") var outputBackingFormat: String?
+    @Flag(name: .customShort("n"), help: "Do not create the target; it must exist.") var noCreate = false
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
     @Option(name: .customShort("S"), help: "Minimum run of zero bytes to leave sparse (default 4k; 0 disables).")
     var sparseSize: String = "4k"
     @Option(name: .customShort("m"), help: "Parallel workers (default 4).") var workers: Int = 4
-    @Argument(help: "Source image.") var source: String
-    @Argument(help: "Destination file.") var destination: String
+    @Argument(help: "Source image(s) followed by the destination.") var files: [String]
 
     func run() throws {
         try QCOW2Tool.guarded {
-            guard outputFormat == "raw" else {
-                throw ValidationError("output format '\(outputFormat)' is not supported by this build (raw is)")
+            guard files.count >= 2 else { throw ValidationError("Expecting at least one source and a destination") }
+            let sourcePaths = Array(files.dropLast()), destination = files.last!
+            guard outputFormat == "raw" || outputFormat == "qcow2" else {
+                throw ValidationError("Unknown output format '\(outputFormat)' (qcow2 or raw)")
             }
-            guard let sparse = parseSize(sparseSize), sparse % 512 == 0 || sparse == 0 else {
-                throw ValidationError("invalid -S value '\(sparseSize)': must be a multiple of 512")
+            if compress && outputFormat != "qcow2" { throw ValidationError("Compression not supported for this file format") }
+            guard let sparse = parseSize(sparseSize), sparse % 512 == 0 else {
+                throw ValidationError("Invalid buffer size for sparse output specified: -S must be a multiple of 512")
             }
-            guard (1...16).contains(workers) else { throw ValidationError("-m must be between 1 and 16") }
-            let disk = try DiskImage.open(path: source, options: image.openOptions())
-            var export = RawExport()
-            export.sparseSize = Int(sparse)
-            export.threads = workers
+            guard (1...16).contains(workers) else { throw ValidationError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16") }
+            let sources = try sourcePaths.map { try DiskImage.open(path: $0, options: image.openOptions()) }
+            let total = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
+            var (create, extraBacking, extraFormat) = try CreateOptionParser.parse(options)
+            let backing = outputBacking ?? extraBacking
+            let backingFormat = outputBackingFormat ?? extraFormat ?? (backing != nil ? "qcow2" : nil)
+            if !noCreate {
+                create.size = create.size == 0 ? total : create.size
+                switch outputFormat {
+                case "qcow2":
+                    create.backingFile = backing
+                    create.backingFormat = backingFormat
+                    try ImageCreator.create(path: destination, options: create)
+                default:
+                    guard backing == nil else { throw ValidationError("Backing file not supported for file format 'raw'") }
+                    try RawImage.create(path: destination, size: total)
+                }
+            }
+            var openOptions = OpenOptions(format: outputFormat, writable: true)
+            openOptions.followBackingFiles = true
+            let target = try DiskImage.open(path: destination, options: openOptions)
+            var converter = ImageConverter()
+            converter.sparseSize = Int(sparse)
+            converter.threads = workers
+            converter.compress = compress
+            converter.targetMayHaveData = noCreate
+            if backing != nil, target.chainDepth > 1 {
+                converter.backing = try DiskImage.open(path: target.chain[0].fullBackingFileName ?? "", options: OpenOptions(format: backingFormat))
+            }
             let showProgress = progress
             if showProgress { printProgress(0) }
             let callback: (@Sendable (Double) -> Void)? = showProgress ? { @Sendable f in printProgress(f) } : nil
-            try export.run(source: disk, destination: destination, progress: callback)
+            try converter.run(sources: sources, target: target, progress: callback)
+            try target.close()
             if showProgress {
                 printProgress(1)
                 print("")

@@ -17,40 +17,8 @@ struct Create: ParsableCommand {
 
     func run() throws {
         try QCOW2Tool.guarded {
-            var o = CreateOptions(size: 0)
-            var backing = backingFile, backingFmt = backingFormat
-            var kv: [(String, String)] = []
-            for group in options {
-                for item in group.split(separator: ",") where !item.isEmpty {
-                    let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-                    kv.append((parts[0], parts.count > 1 ? parts[1] : "on"))
-                }
-            }
-            for (k, v) in kv {
-                switch k {
-                case "cluster_size":
-                    guard let s = parseSize(v) else { throw ValidationError("invalid cluster_size '\(v)'") }
-                    o.clusterSize = s
-                case "compat": o.compat = v
-                case "lazy_refcounts": o.lazyRefcounts = try onOff(k, v)
-                case "refcount_bits":
-                    guard let b = Int(v) else { throw ValidationError("invalid refcount_bits '\(v)'") }
-                    o.refcountBits = b
-                case "extended_l2": o.extendedL2 = try onOff(k, v)
-                case "compression_type":
-                    switch v {
-                    case "zlib": o.compressionType = .deflate
-                    case "zstd": o.compressionType = .zstd
-                    default: throw ValidationError("Parameter 'compression_type' does not accept value '\(v)'")
-                    }
-                case "preallocation": o.preallocation = v
-                case "data_file": o.dataFile = v
-                case "data_file_raw": o.dataFileRaw = try onOff(k, v)
-                case "backing_file": backing = v
-                case "backing_fmt": backingFmt = v
-                default: throw ValidationError("Invalid parameter '\(k)'")
-                }
-            }
+            var (o, extraBacking, extraFormat) = try CreateOptionParser.parse(options)
+            let backing = backingFile ?? extraBacking, backingFmt = backingFormat ?? extraFormat
             o.backingFile = backing
             o.backingFormat = backingFmt
             if let size {
@@ -92,7 +60,49 @@ struct Create: ParsableCommand {
         }
     }
 
-    private func onOff(_ key: String, _ v: String) throws -> Bool {
+}
+
+/// Parses qemu-img's `-o key=value,...` creation options.
+enum CreateOptionParser {
+    static func parse(_ groups: [String]) throws -> (CreateOptions, backing: String?, backingFormat: String?) {
+        var o = CreateOptions(size: 0)
+        var backing: String?, backingFmt: String?
+        for group in groups {
+            for item in group.split(separator: ",") where !item.isEmpty {
+                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                let (k, v) = (parts[0], parts.count > 1 ? parts[1] : "on")
+                switch k {
+                case "cluster_size":
+                    guard let s = parseSize(v) else { throw ValidationError("invalid cluster_size '\(v)'") }
+                    o.clusterSize = s
+                case "compat": o.compat = v
+                case "lazy_refcounts": o.lazyRefcounts = try onOff(k, v)
+                case "refcount_bits":
+                    guard let b = Int(v) else { throw ValidationError("invalid refcount_bits '\(v)'") }
+                    o.refcountBits = b
+                case "extended_l2": o.extendedL2 = try onOff(k, v)
+                case "compression_type":
+                    switch v {
+                    case "zlib": o.compressionType = .deflate
+                    case "zstd": o.compressionType = .zstd
+                    default: throw ValidationError("Parameter 'compression_type' does not accept value '\(v)'")
+                    }
+                case "preallocation": o.preallocation = v
+                case "data_file": o.dataFile = v
+                case "data_file_raw": o.dataFileRaw = try onOff(k, v)
+                case "backing_file": backing = v
+                case "backing_fmt": backingFmt = v
+                case "size":
+                    guard let s = parseSize(v) else { throw ValidationError("invalid size '\(v)'") }
+                    o.size = s
+                default: throw ValidationError("Invalid parameter '\(k)'")
+                }
+            }
+        }
+        return (o, backing, backingFmt)
+    }
+
+    static func onOff(_ key: String, _ v: String) throws -> Bool {
         switch v {
         case "on", "true", "yes": return true
         case "off", "false", "no": return false

@@ -363,7 +363,7 @@ final class ImageWriter: @unchecked Sendable {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 4096)
         defer { buffer.deallocate() }
         try readGuest(from, buffer)
-        if RawExport.isZero(UnsafeRawBufferPointer(buffer)) { return }
+        if ZeroDetection.isZero(UnsafeRawBufferPointer(buffer)) { return }
         buffer.initializeMemory(as: UInt8.self, repeating: 0)
         let clusterStart = from & ~(cs - 1)
         try writeCluster(clusterStart, inCluster: from - clusterStart, UnsafeRawBufferPointer(buffer))
