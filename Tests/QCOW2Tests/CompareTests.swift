@@ -166,7 +166,7 @@ struct ConvertOptionTests {
         try await withTempDir("convert-opts") { tmp in
             let b = ImageBuilder(dir: tmp)
             try await b.create("img.qcow2", size: "4M", options: "cluster_size=4k")
-            try await b.io("img.qcow2", standardWrites(clusterSize: 4096, size: 4 << 20) + ["write -c -P 0x66 2M 4k"])
+            try await b.io("img.qcow2", standardWrites(clusterSize: 4096, size: 4 << 20) + ["write -c -P 0x66 3M 4k"])
             try await qemuImg(["convert"] + options + ["-O", "raw", "img.qcow2", "qemu.raw"], cwd: tmp)
             let ours = try await qcow2(["convert"] + options + ["-O", "raw", "img.qcow2", "ours.raw"], cwd: tmp)
             expectSuccess(ours)

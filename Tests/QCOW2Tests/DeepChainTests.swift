@@ -56,7 +56,8 @@ struct DeepChainTests {
         try await withTempDir("deep-chain") { tmp in
             let imgDir = tmp + "/img", runDir = tmp + "/run", outDir = tmp + "/out"
             for d in [imgDir, runDir, outDir] { try mkdir(d) }
-            let build = try await run("sh", ["-c", Self.buildScript()], cwd: imgDir, timeout: 600)
+            try writeFile(tmp + "/build.sh", Data(Self.buildScript().utf8))
+            let build = try await run("sh", [tmp + "/build.sh"], cwd: imgDir, timeout: 600)
             try #require(build.succeeded, "building the chain failed: \(build)")
 
             let top = "../img/layer\(Self.layers - 1).qcow2"

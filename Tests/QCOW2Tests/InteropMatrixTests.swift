@@ -87,11 +87,20 @@ func checkAgainstQemu(image: String, cwd: String, outDir: String, context: Strin
         }
     }
 
-    // Human output: just has to work.
-    for args in [["info", image], ["map", image], ["map", "--output=human", image], ["info", "--output=human", image]] {
+    // Human output: qemu-img is the judge of success (it refuses to map compressed clusters
+    // in human form); the human map table must match qemu-img's exactly.
+    for args in [["map", image], ["map", "--output=human", image], ["info", image], ["info", "--output=human", image]] {
+        let q = try await run("qemu-img", args, cwd: cwd, timeout: 60)
         let r = try await qcow2(args, cwd: cwd, timeout: 60)
-        expectSuccess(r)
-        #expect(!r.stdout.isEmpty, "\(context): `\(r.command)` printed nothing")
+        if q.succeeded {
+            expectSuccess(r)
+            #expect(!r.stdout.isEmpty, "\(context): `\(r.command)` printed nothing")
+            if args[0] == "map" && r.succeeded {
+                #expect(r.stdout == q.stdout, "\(context): `\(r.command)` differs from qemu-img:\nours:\n\(r.stdout.prefix(3000))\nqemu-img:\n\(q.stdout.prefix(3000))")
+            }
+        } else {
+            expectCleanFailure(r)
+        }
     }
 }
 
@@ -272,6 +281,16 @@ extension InteropRecipe {
     ]
 
     static let chains: [InteropRecipe] = [
+        InteropRecipe(name: "raw image whose size is not a multiple of 512") { b in
+            try b.write("odd.raw", mixedData(size: 100_001, seed: 12))
+            return "odd.raw"
+        },
+        InteropRecipe(name: "qcow2 over a raw backing file of 100001 bytes") { b in
+            try b.write("odd.raw", mixedData(size: 100_001, seed: 13))
+            try await b.create("top.qcow2", size: "1M", options: "cluster_size=4k", backing: "odd.raw", backingFormat: "raw")
+            try await b.io("top.qcow2", ["write -P 0x71 0 1000", "write -P 0x72 98304 4096"])
+            return "top.qcow2"
+        },
         InteropRecipe(name: "chain raw ← qcow2 ← qcow2, relative names, shorter backing files") { b in
             try await b.create("base.raw", size: "1M", format: "raw")
             try await b.io("base.raw", ["write -P 0xa1 0 768k"], format: "raw")
@@ -327,7 +346,7 @@ extension InteropRecipe {
             for i in 1...100 {
                 var cmds = ["write -P \(i % 250 + 1) \(i * 20480) 4k"]
                 if i % 10 == 0 { cmds.append("write -z \(i * 20480 + 6144) 1k") }
-                if i % 25 == 0 { cmds.append("discard \(i * 65536) 64k") }
+                if i % 25 == 0 { cmds.append("discard \((i / 25) * 786432) 64k") }
                 try await b.io("l\(i).qcow2", cmds)
             }
             return "l100.qcow2"
