@@ -1,6 +1,9 @@
 import ArgumentParser
 import Dispatch
 import QCOW2
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `qcow2 io`: qemu-io style commands for scripts and tests. Output and pattern semantics
 /// follow qemu-io, so a `qemu-io -c 'read -P …'` check and ours agree.
@@ -103,6 +106,13 @@ struct IO: ParsableCommand {
             report("discard", off, len, start)
         case "flush":
             try disk.flush()
+        case "sleep":
+            guard let ms = positional.first.flatMap({ UInt32($0) }) else { throw ValidationError("sleep needs milliseconds") }
+            usleep(ms * 1000)
+        case "abort":
+            // Simulate a crash, as qemu-io's `abort`: no flush, no close.
+            fflush(nil)
+            Glibc.abort()
         case "map":
             for e in try topMap(disk) {
                 let what = e.allocated ? "    allocated" : "not allocated"

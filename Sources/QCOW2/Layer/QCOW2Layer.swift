@@ -43,9 +43,6 @@ final class QCOW2Layer: Sendable {
             let method = h.cryptMethod == .luks ? "LUKS" : "AES"
             throw QCOW2Error.unsupported(path: path, "image is encrypted (\(method), crypt_method \(h.cryptMethodRaw)); encrypted images need encryption support, which is a separate feature not available in this build")
         }
-        if h.incompatibleFeatures.contains(.dirty) && options.writable {
-            throw QCOW2Error.unsupported(path: path, "image is dirty (refcounts may be wrong); open it read-only or repair it with 'qemu-img check -r all'")
-        }
         if h.incompatibleFeatures.contains(.corrupt) && options.writable {
             throw QCOW2Error.unsupported(path: path, "image is corrupt; cannot be opened read/write")
         }

@@ -50,8 +50,20 @@ final class ImageWriter: @unchecked Sendable {
         self.readGuest = readGuest
         self.invalidate = invalidate
         self.hasBacking = hasBacking
-        image = layer.image
-        let h = layer.image.header
+        var image = layer.image
+        if image.header.incompatibleFeatures.contains(.dirty) {
+            // Refcounts may be stale (lazy refcounts and no clean close): rebuild them from
+            // the metadata before allocating anything, then clear the bit, as QEMU does.
+            try RefcountRebuild.rebuild(file: file, image: &image)
+            image.header.incompatibleFeatures.remove(.dirty)
+            var b: [UInt8] = []
+            b.appendBE(image.header.incompatibleFeatures.rawValue)
+            try file.write(b, at: 72)
+            try file.sync()
+            layer.fileEnd.store(try file.size(), ordering: .relaxed)
+        }
+        self.image = image
+        let h = image.header
         refcounts = try RefcountManager(file: file, header: h) { offset, clusters in
             var pair: [UInt8] = []
             pair.appendBE(offset)
