@@ -115,6 +115,21 @@ public final class DiskImage: BlockDevice, Sendable {
         return 65536
     }
 
+    /// Changes the virtual size of the top image (reopen to see the new size). Shrinking
+    /// must be allowed explicitly, as with `qemu-img resize --shrink`.
+    public func resize(to newSize: UInt64, allowShrink: Bool) throws {
+        guard isWritable else { throw QCOW2Error.invalidArgument("\(path): image is opened read-only") }
+        if let writer {
+            try writer.resize(to: newSize, allowShrink: allowShrink)
+        } else if let raw = rawWriter {
+            guard newSize >= virtualSize || allowShrink else {
+                throw QCOW2Error.invalidArgument("Use the --shrink option to perform a shrink operation.")
+            }
+            try raw.truncate(to: newSize)
+            try raw.sync()
+        }
+    }
+
     /// Makes every completed write durable.
     public func flush() throws {
         if let writer { try writer.flush() } else { try rawWriter?.sync() }

@@ -551,6 +551,90 @@ final class ImageWriter: @unchecked Sendable {
         return offset
     }
 
+    // MARK: Resize
+
+    /// Changes the virtual size (QEMU's `qcow2_co_truncate` with preallocation off).
+    /// Growing may move the L1 table (new copy, sync, 12-byte header switch, free the old);
+    /// shrinking discards every cluster past the new end, frees L2 tables no longer
+    /// needed, and truncates the file after the last used cluster. The image must be
+    /// reopened to see the new size.
+    func resize(to newSize: UInt64, allowShrink: Bool) throws {
+        try lock.withLock {
+            try ensureWritable()
+            try flushLocked()
+            let old = image.header.size
+            guard let needed = g.l1EntriesNeeded(forVirtualSize: newSize), needed <= QCOW2Limits.maxL1Entries else {
+                throw QCOW2Error.invalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+            }
+            if newSize < old {
+                guard allowShrink else {
+                    throw QCOW2Error.invalidArgument("Use the --shrink option to perform a shrink operation.")
+                }
+                guard image.header.nbSnapshots == 0 else {
+                    throw QCOW2Error.unsupported(path: layer.path, "Can't shrink an image which has snapshots")
+                }
+                var pos = (newSize + cs - 1) & ~(cs - 1)
+                let l1Count = layer.l1.withLock { $0.count }
+                while pos < old {
+                    let l1i = Int(g.l1Index(pos))
+                    let e = L1Entry(rawValue: l1i < l1Count ? layer.l1.withLock { $0[l1i] } : 0)
+                    if e.l2Offset == 0 {
+                        pos = (UInt64(l1i) + 1) * g.l2Coverage
+                        continue
+                    }
+                    let table = try writableTable(l1i)
+                    let index = Int(g.l2Index(pos))
+                    let entry = entry(table, index)
+                    if entry.rawValue != 0 || entry.bitmap != 0 {
+                        let kind = try kind(of: entry, at: pos)
+                        setEntry(table, index, L2Entry(rawValue: 0, bitmap: 0))
+                        releaseOld(kind, punch: true)
+                    }
+                    pos += cs
+                }
+                try flushLocked()
+                // L2 tables that only covered the removed part.
+                for i in Int(needed)..<l1Count {
+                    let e = L1Entry(rawValue: layer.l1.withLock { $0[i] })
+                    guard e.l2Offset != 0 else { continue }
+                    layer.l1.withLock { $0[i] = 0 }
+                    dirtyL1.insert(i)
+                    pendingFrees.append((e.l2Offset, cs, true))
+                }
+                try flushLocked()
+            } else if needed > UInt64(image.header.l1Size) {
+                let l1 = layer.l1.withLock { $0 }
+                let oldOffset = image.header.l1TableOffset, oldSize = UInt64(image.header.l1Size)
+                let clusters = (needed * 8 + cs - 1) / cs
+                let newOffset = try refcounts.allocate(clusters: clusters)
+                var bytes = [UInt8](repeating: 0, count: Int(needed * 8))
+                // Entries past the ones this layer loaded (l1_size may exceed what the old size needed).
+                let existing = try file.read(count: Int(oldSize * 8), at: oldOffset)
+                bytes.replaceSubrange(0..<existing.count, with: existing)
+                for (i, e) in l1.enumerated() { bytes.putBE(e, at: i * 8) }
+                try file.write(bytes, at: newOffset)
+                bumpFileEnd(newOffset + needed * 8)
+                try file.sync()
+                var pair: [UInt8] = []
+                pair.appendBE(UInt32(needed))
+                pair.appendBE(newOffset)
+                try file.write(pair, at: 36)
+                try file.sync()
+                image.header.l1Size = UInt32(needed)
+                image.header.l1TableOffset = newOffset
+                if oldSize > 0 { try refcounts.release(offset: oldOffset, length: oldSize * 8) }
+            }
+            image.header.size = newSize
+            try writeHeaderField(at: 24, newSize)
+            try dataFile?.truncate(to: newSize)
+            try file.sync()
+            if newSize < old {
+                let end = try refcounts.lastUsedCluster(below: (try file.size() + cs - 1) / cs)
+                try file.truncate(to: (end + 1) * cs)
+            }
+        }
+    }
+
     // MARK: Flush
 
     private func flushIfOverBudget() throws {

@@ -145,6 +145,16 @@ final class RefcountManager {
         for c in first...last { try increment(cluster: c, by: -1) }
     }
 
+    /// The highest cluster index below `limit` with a non-zero refcount.
+    func lastUsedCluster(below limit: UInt64) throws -> UInt64 {
+        var c = limit
+        while c > 0 {
+            c -= 1
+            if try refcount(ofCluster: c) != 0 { return c }
+        }
+        return 0
+    }
+
     /// The first free cluster (without taking it), like QEMU's `alloc_clusters_noref`.
     func nextFreeCluster() throws -> UInt64 { try findFree(1) }
 

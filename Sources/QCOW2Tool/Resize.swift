@@ -1,0 +1,37 @@
+import ArgumentParser
+import QCOW2
+
+struct Resize: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Change the virtual size of an image (like qemu-img resize).")
+
+    @Option(name: .customShort("f"), help: "Image format.") var format: String?
+    @Flag(name: .customLong("shrink"), help: "Allow shrinking (data past the new end is lost).") var shrink = false
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Argument(help: "The image file.") var path: String
+    @Argument(help: "New size, or +SIZE / -SIZE relative to the current one.") var size: String
+
+    func run() throws {
+        try QCOW2Tool.guarded {
+            let disk = try DiskImage.open(path: path, options: OpenOptions(format: format, writable: true))
+            var newSize: UInt64
+            if size.hasPrefix("+") || size.hasPrefix("-") {
+                guard let delta = parseSize(String(size.dropFirst())) else { throw ValidationError("Invalid image size specified") }
+                if size.hasPrefix("+") {
+                    let (s, o) = disk.virtualSize.addingReportingOverflow(delta)
+                    guard !o else { throw ValidationError("Image size is too large") }
+                    newSize = s
+                } else {
+                    guard delta <= disk.virtualSize else { throw ValidationError("New image size must be positive") }
+                    newSize = disk.virtualSize - delta
+                }
+            } else {
+                guard let s = parseSize(size) else { throw ValidationError("Invalid image size specified") }
+                newSize = s
+            }
+            newSize = (newSize + 511) & ~511
+            try disk.resize(to: newSize, allowShrink: shrink)
+            try disk.close()
+            if !quiet { print("Image resized.") }
+        }
+    }
+}
