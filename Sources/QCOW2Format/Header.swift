@@ -156,6 +156,9 @@ public struct QCOW2Header: Sendable, Equatable {
             throw .invalidField("crypt_method", value: UInt64(h.cryptMethodRaw), reason: "unknown encryption method")
         }
         // Refcount table.
+        guard h.refcountTableClusters > 0 else {
+            throw .invalidField("refcount_table_clusters", value: 0, reason: "image does not contain a reference count table")
+        }
         guard UInt64(h.refcountTableClusters) <= QCOW2Limits.maxRefcountTableBytes / clusterSize else {
             throw .invalidField("refcount_table_clusters", value: UInt64(h.refcountTableClusters), reason: "refcount table larger than 8 MiB")
         }

@@ -18,7 +18,8 @@ struct Info: ParsableCommand {
     func run() throws {
         try QCOW2Tool.guarded {
             var options = image.openOptions()
-            options.followBackingFiles = true
+            // Like qemu-img, plain `info` does not open the backing file.
+            options.followBackingFiles = backingChain
             let disk = try DiskImage.open(path: path, options: options)
             let layers = backingChain ? disk.chain : [disk.chain[0]]
             let infos = try layers.map { try ImageInfo(layer: $0) }

@@ -15,7 +15,12 @@ struct Map: ParsableCommand {
         try QCOW2Tool.guarded {
             let disk = try DiskImage.open(path: path, options: image.openOptions())
             let length = maxLength ?? disk.virtualSize
-            let extents = try disk.allocationMap(offset: startOffset, length: length)
+            var extents = try disk.allocationMap(offset: startOffset, length: length)
+            if extents.isEmpty {
+                // qemu-img prints one empty extent for an empty range.
+                extents = [AllocationExtent(start: startOffset, length: 0, depth: 0, present: false, zero: false, data: false,
+                                            offset: nil, compressed: false, file: nil)]
+            }
             switch output {
             case .json:
                 let lines = extents.map { e -> String in

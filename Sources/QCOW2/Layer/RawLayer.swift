@@ -9,7 +9,10 @@ final class RawLayer: Sendable {
     init(path: String, index: Int32, file: FileHandle) throws {
         self.path = path
         self.index = index
-        virtualSize = try file.size()
+        // QEMU works in 512-byte sectors: a raw file's size is rounded up, and the tail past
+        // end-of-file reads as zeros.
+        let size = try file.size()
+        virtualSize = size > UInt64.max - 511 ? size : (size + 511) & ~511
     }
 
     func map(start: UInt64, end: UInt64, files: OpenFileCache, into out: inout [LayerPiece]) throws {

@@ -230,16 +230,93 @@ final class ImageWriter: @unchecked Sendable {
             try ensureWritable()
             var pos = offset
             let end = offset + UInt64(data.count)
+            var hostHint: UInt64?
             while pos < end {
-                let clusterStart = pos & ~(cs - 1)
-                let n = min(end, clusterStart + cs) - pos
-                let slice = UnsafeRawBufferPointer(rebasing: data[Int(pos - offset)..<Int(pos - offset + n)])
-                try writeCluster(clusterStart, inCluster: pos - clusterStart, slice)
-                pos += n
+                let rest = UnsafeRawBufferPointer(rebasing: data[Int(pos - offset)...])
+                if g.extendedL2 {
+                    let clusterStart = pos & ~(cs - 1)
+                    let n = min(end, clusterStart + cs) - pos
+                    try writeCluster(clusterStart, inCluster: pos - clusterStart, UnsafeRawBufferPointer(rebasing: rest[0..<Int(n)]))
+                    pos += n
+                } else {
+                    pos += try writeRun(at: pos, rest, hostHint: &hostHint)
+                }
             }
             invalidate(offset, end)
             try flushIfOverBudget()
         }
+    }
+
+    /// Standard L2 entries: writes as much of `data` (starting at guest `offset`) as one L2
+    /// slice allows, the way QEMU's `qcow2_alloc_host_offset` does: in place over clusters
+    /// this layer owns, or into one contiguous run of new clusters (continuing after the
+    /// previous run when possible) filled by copy-on-write at the head and tail.
+    /// Returns the number of bytes written.
+    private func writeRun(at offset: UInt64, _ data: UnsafeRawBufferPointer, hostHint: inout UInt64?) throws -> UInt64 {
+        let clusterStart = offset & ~(cs - 1)
+        let inCluster = offset - clusterStart
+        let table = try writableTable(Int(g.l1Index(clusterStart)))
+        let index = Int(g.l2Index(clusterStart))
+        let sliceEntries = Int(layer.sliceEntries)
+        let sliceLeft = (index / sliceEntries + 1) * sliceEntries - index
+        let requestClusters = Int((inCluster + UInt64(data.count) + cs - 1) / cs)
+        let maxClusters = min(sliceLeft, requestClusters)
+        let first = entry(table, index)
+        let firstKind = try kind(of: first, at: clusterStart)
+        if case let .normal(host) = firstKind, first.isCopied || dataFile != nil {
+            if dataFile == nil && isMetadata(host) {
+                try markCorrupt("preventing a data write to host offset 0x\(String(host, radix: 16)), which holds metadata")
+            }
+            let n = min(UInt64(data.count), cs - inCluster)
+            try writeData(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: host + inCluster)
+            hostHint = nil
+            return n
+        }
+        // Clusters that need a new allocation, contiguous in guest space.
+        var kinds = [firstKind]
+        while kinds.count < maxClusters {
+            let e = entry(table, index + kinds.count)
+            let k = try kind(of: e, at: clusterStart + UInt64(kinds.count) * cs)
+            if case .normal = k, e.isCopied || dataFile != nil { break }
+            kinds.append(k)
+        }
+        var count = UInt64(kinds.count)
+        let hostStart: UInt64
+        if dataFile != nil {
+            hostStart = clusterStart  // external data files map guest offsets 1:1
+        } else if let hint = hostHint, let got = try refcounts.allocateAt(hint / cs, count: count), got > 0 {
+            hostStart = hint
+            count = got
+        } else {
+            hostStart = try refcounts.allocate(clusters: count)
+        }
+        let runStart = clusterStart
+        let runEnd = min(runStart + count * cs, virtualSize)
+        let written = min(UInt64(data.count), runEnd - offset)
+        let headCOW = inCluster
+        let tailFrom = offset + written
+        if headCOW == 0 && tailFrom == runEnd {
+            try writeData(UnsafeRawBufferPointer(rebasing: data[0..<Int(written)]), at: hostStart)
+        } else {
+            let length = Int(runEnd - runStart)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
+            defer { buffer.deallocate() }
+            if headCOW > 0 { try readGuest(runStart, UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(headCOW)])) }
+            if tailFrom < runEnd {
+                try readGuest(tailFrom, UnsafeMutableRawBufferPointer(rebasing: buffer[Int(tailFrom - runStart)..<length]))
+            }
+            UnsafeMutableRawBufferPointer(rebasing: buffer[Int(headCOW)..<Int(headCOW + written)])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<Int(written)]))
+            try writeData(UnsafeRawBufferPointer(buffer), at: hostStart)
+        }
+        for i in 0..<Int(count) {
+            let host = hostStart + UInt64(i) * cs
+            setEntry(table, index + i, L2Entry(rawValue: host | L2Entry.copiedFlag))
+            if case let .normal(h) = kinds[i], h == host { continue }
+            releaseOld(kinds[i], punch: false)
+        }
+        hostHint = dataFile == nil ? hostStart + count * cs : nil
+        return written
     }
 
     private func writeCluster(_ clusterStart: UInt64, inCluster: UInt64, _ data: UnsafeRawBufferPointer) throws {
@@ -531,24 +608,8 @@ final class ImageWriter: @unchecked Sendable {
         }
     }
 
-    /// Byte-granular allocation for compressed clusters (QEMU's `qcow2_alloc_bytes`).
     private func allocateBytes(_ size: UInt64) throws -> UInt64 {
-        var offset = freeByteOffset
-        if offset != 0, try refcounts.refcount(ofCluster: offset / cs) >= refcounts.codec.maxValue { offset = 0 }
-        var freeInCluster = cs - (offset % cs)
-        if offset == 0 || freeInCluster < size {
-            let newCluster = try refcounts.nextFreeCluster() * cs
-            if offset == 0 || (offset + cs - 1) & ~(cs - 1) != newCluster {
-                offset = newCluster
-                freeInCluster = cs
-            } else {
-                freeInCluster += cs
-            }
-        }
-        let first = offset / cs, last = (offset + size - 1) / cs
-        for c in first...last { try refcounts.increment(cluster: c, by: 1) }
-        freeByteOffset = (offset + size) % cs == 0 ? 0 : offset + size
-        return offset
+        try refcounts.allocateBytes(size, freeByteOffset: &freeByteOffset)
     }
 
     // MARK: Resize

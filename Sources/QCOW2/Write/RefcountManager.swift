@@ -18,8 +18,6 @@ final class RefcountManager {
     /// Host offsets of every refcount block (for the overlap check).
     private(set) var blockOffsets: Set<UInt64> = []
     private let blockBudget: Int
-    /// Lowest cluster index that may be free.
-    private var freeHint: UInt64 = 1
     /// Writes the 12-byte (refcount_table_offset, refcount_table_clusters) header pair.
     private let switchTable: (UInt64, UInt32) throws -> Void
 
@@ -59,7 +57,7 @@ final class RefcountManager {
         blockOffsets = Set(t.filter { $0 != 0 })
     }
 
-    // MARK: Reading and setting refcounts
+    // MARK: Reading refcounts
 
     private func block(at offset: UInt64) throws -> [UInt8] {
         if let b = blocks[offset] { return b }
@@ -76,73 +74,269 @@ final class RefcountManager {
         return b.withUnsafeBytes { codec.get($0, Int(c % entriesPerBlock)) }
     }
 
-    /// Stores a refcount, creating the refcount block (and growing the table) if needed.
-    func setRefcount(ofCluster c: UInt64, to value: UInt64) throws {
-        guard value <= codec.maxValue else {
-            throw QCOW2Error.invalidArgument("refcount of cluster \(c) would exceed the maximum \(codec.maxValue) for \(codec.bits)-bit refcounts")
-        }
-        let blockOffset = try ensureBlock(forCluster: c)
+    /// Writes one refcount entry of a loaded block through to the file.
+    private func store(_ value: UInt64, cluster c: UInt64, blockOffset: UInt64) throws {
         var b = try block(at: blockOffset)
         let index = Int(c % entriesPerBlock)
         b.withUnsafeMutableBytes { codec.set($0, index, value) }
         blocks[blockOffset] = b
-        // Write through only the bytes that changed.
-        let bitOffset = index * codec.bits
-        let byteStart = bitOffset / 8
+        let byteStart = index * codec.bits / 8
         let byteCount = max(1, codec.bits / 8)
         try b.withUnsafeBytes { raw in
             try file.write(UnsafeRawBufferPointer(rebasing: raw[byteStart..<(byteStart + byteCount)]), at: blockOffset + UInt64(byteStart))
         }
-        if value == 0 && c < freeHint { freeHint = max(1, c) }
     }
 
-    func increment(cluster c: UInt64, by delta: Int64) throws {
-        let old = try refcount(ofCluster: c)
-        let new: UInt64
-        if delta >= 0 {
-            let (s, o) = old.addingReportingOverflow(UInt64(delta))
-            guard !o else { throw QCOW2Error.invalidArgument("refcount overflow for cluster \(c)") }
-            new = s
-        } else {
-            guard old >= UInt64(-delta) else {
-                throw QCOW2Error.corrupt(path: file.path, "refcount of cluster \(c) would drop below zero")
+    // MARK: QEMU's allocation algorithm
+    //
+    // The structure follows block/qcow2-refcount.c so that images come out laid out as
+    // QEMU lays them out: `allocNoref` scans from `freeClusterIndex`, `update` changes
+    // refcounts and creates refcount blocks on the way (restarting the caller's search,
+    // QEMU's -EAGAIN, when it had to take clusters), and `refcountArea` builds a grown,
+    // self-describing refcount table.
+
+    /// Thrown when metadata was allocated while updating refcounts: the caller searches again.
+    private struct Again: Error {}
+
+    /// QEMU's `free_cluster_index`: no free cluster lies below it.
+    private var freeClusterIndex: UInt64 = 0
+
+    /// Finds `count` free clusters from `freeClusterIndex` on, without taking them.
+    private func allocNoref(_ count: UInt64) throws -> UInt64 {
+        var i: UInt64 = 0
+        while i < count {
+            let c = freeClusterIndex
+            freeClusterIndex += 1
+            if try refcount(ofCluster: c) != 0 {
+                i = 0
+            } else {
+                i += 1
             }
-            new = old - UInt64(-delta)
         }
-        try setRefcount(ofCluster: c, to: new)
+        guard freeClusterIndex <= UInt64(Int64.max) >> UInt64(clusterBits) else {
+            throw QCOW2Error.invalidArgument("image file would exceed the largest file offset")
+        }
+        return freeClusterIndex - count
     }
 
-    // MARK: Allocation
+    /// Adds `addend` to (or subtracts it from) the refcount of every cluster touched by
+    /// `[offset, offset+length)`. On `Again` the changes made so far are undone.
+    private func update(_ offset: UInt64, _ length: UInt64, addend: UInt64, decrease: Bool) throws {
+        guard length > 0 else { return }
+        let first = offset / clusterSize, last = (offset + length - 1) / clusterSize
+        var c = first
+        do {
+            while c <= last {
+                let blockOffset = try allocRefcountBlock(forCluster: c)
+                let old = try refcount(ofCluster: c)
+                let new: UInt64
+                if decrease {
+                    guard old >= addend else {
+                        throw QCOW2Error.corrupt(path: file.path, "refcount of cluster \(c) would drop below zero")
+                    }
+                    new = old - addend
+                } else {
+                    let (sum, overflow) = old.addingReportingOverflow(addend)
+                    guard !overflow, sum <= codec.maxValue else {
+                        throw QCOW2Error.invalidArgument("refcount of cluster \(c) would exceed the maximum \(codec.maxValue) for \(codec.bits)-bit refcounts")
+                    }
+                    new = sum
+                }
+                if new == 0 && c < freeClusterIndex { freeClusterIndex = c }
+                try store(new, cluster: c, blockOffset: blockOffset)
+                c += 1
+            }
+        } catch {
+            if c > first { try? update(offset, (c - first) * clusterSize - (offset % clusterSize), addend: addend, decrease: !decrease) }
+            throw error
+        }
+    }
 
-    /// Allocates `count` contiguous free clusters (first fit) with refcount 1 and returns
-    /// the host offset of the first. The clusters' contents are not touched.
+    /// The refcount block for cluster `c`, creating it (and growing the table) if needed.
+    private func allocRefcountBlock(forCluster c: UInt64) throws -> UInt64 {
+        let r = c / entriesPerBlock
+        if r < UInt64(table.count), table[Int(r)] != 0 { return table[Int(r)] }
+        let newBlock = try allocNoref(1)
+        let newOffset = newBlock * clusterSize
+        var b = [UInt8](repeating: 0, count: Int(clusterSize))
+        if newBlock / entriesPerBlock == r {
+            // The block describes itself.
+            b.withUnsafeMutableBytes { codec.set($0, Int(newBlock % entriesPerBlock), 1) }
+        } else {
+            try update(newOffset, clusterSize, addend: 1, decrease: false)
+        }
+        try file.write(b, at: newOffset)
+        blocks[newOffset] = b
+        blockOffsets.insert(newOffset)
+        if r < UInt64(table.count) {
+            try file.sync()
+            var be = newOffset.bigEndian
+            try withUnsafeBytes(of: &be) { try file.write($0, at: tableOffset + r * 8) }
+            try file.sync()
+            table[Int(r)] = newOffset
+            throw Again()
+        }
+        // The table is full: build a bigger one after the last block in use.
+        let blocksUsed = (max(c + 1, newBlock + 1) + entriesPerBlock - 1) / entriesPerBlock
+        _ = try refcountArea(startCluster: blocksUsed * entriesPerBlock, additionalClusters: 0, exactSize: false,
+                             newRefblockIndex: Int(r), newRefblockOffset: newOffset)
+        throw Again()
+    }
+
+    /// QEMU's `qcow2_refcount_metadata_size`: refcount blocks needed to count `clusters`
+    /// clusters plus the refcount structures themselves.
+    private func refblockCount(clusters: UInt64, generous: Bool) -> UInt64 {
+        let perTableCluster = clusterSize / 8
+        var clusters = clusters, generous = generous
+        var table: UInt64 = 0, blocks: UInt64 = 0, n: UInt64 = 0, last: UInt64
+        repeat {
+            last = n
+            blocks = (clusters + table + blocks + entriesPerBlock - 1) / entriesPerBlock
+            table = (blocks + perTableCluster - 1) / perTableCluster
+            n = clusters + blocks + table
+            if n == last && generous {
+                clusters += (table + 1) / 2
+                n = 0
+                generous = false
+            }
+        } while n != last
+        return blocks
+    }
+
+    /// QEMU's `qcow2_refcount_area`: at `startCluster` (end of the image), new refcount
+    /// blocks and a new, larger table that cover themselves; then the header switch and the
+    /// release of the old table. Returns the cluster after the new structures.
+    private func refcountArea(startCluster: UInt64, additionalClusters: UInt64, exactSize: Bool,
+                              newRefblockIndex: Int, newRefblockOffset: UInt64) throws -> UInt64 {
+        let total = refblockCount(clusters: startCluster + additionalClusters, generous: !exactSize)
+        let perTableCluster = clusterSize / 8
+        var tableSize = exactSize ? total : total + (total + 1) / 2
+        tableSize = (tableSize + perTableCluster - 1) / perTableCluster * perTableCluster
+        let tableClusters = tableSize / perTableCluster
+        guard tableSize * 8 <= QCOW2Limits.maxRefcountTableBytes else {
+            throw QCOW2Error.invalidArgument("image too large: the refcount table would exceed 8 MiB")
+        }
+        var newTable = [UInt64](repeating: 0, count: Int(tableSize))
+        for i in 0..<min(table.count, Int(tableSize)) { newTable[i] = table[i] }
+        if newRefblockOffset != 0 { newTable[newRefblockIndex] = newRefblockOffset }
+        let areaIndex = Int(startCluster / entriesPerBlock)
+        var additional: UInt64 = 0
+        for i in areaIndex..<Int(total) where newTable[i] == 0 { additional += 1 }
+        let tableStart = startCluster + additional
+        let end = tableStart + tableClusters
+        var next = startCluster
+        for i in areaIndex..<Int(total) {
+            var b: [UInt8]
+            if newTable[i] != 0 {
+                b = try block(at: newTable[i])
+            } else {
+                b = [UInt8](repeating: 0, count: Int(clusterSize))
+                newTable[i] = next * clusterSize
+                next += 1
+            }
+            let firstCovered = UInt64(i) * entriesPerBlock
+            if firstCovered < end {
+                let j0 = firstCovered < startCluster ? startCluster - firstCovered : 0
+                let j1 = min(end - firstCovered, entriesPerBlock)
+                b.withUnsafeMutableBytes { raw in
+                    for j in j0..<j1 { codec.set(raw, Int(j), 1) }
+                }
+            }
+            try file.write(b, at: newTable[i])
+            blocks[newTable[i]] = b
+            blockOffsets.insert(newTable[i])
+        }
+        try file.sync()
+        var tableBytes = [UInt8]()
+        tableBytes.reserveCapacity(newTable.count * 8)
+        for e in newTable { tableBytes.appendBE(e) }
+        try file.write(tableBytes, at: tableStart * clusterSize)
+        try file.sync()
+        try switchTable(tableStart * clusterSize, UInt32(tableClusters))
+        try file.sync()
+        let oldOffset = tableOffset, oldSize = UInt64(table.count) * 8
+        table = newTable
+        tableOffset = tableStart * clusterSize
+        self.tableClusters = UInt32(tableClusters)
+        try update(oldOffset, oldSize, addend: 1, decrease: true)
+        return end
+    }
+
+    // MARK: Public operations
+
+    /// Allocates `count` contiguous clusters with refcount 1 (QEMU's `qcow2_alloc_clusters`)
+    /// and returns the host offset of the first. Their contents are not touched.
     func allocate(clusters count: UInt64) throws -> UInt64 {
         while true {
-            let start = try findFree(count)
-            // Create the refcount blocks first: a new block takes the first free cluster,
-            // which may be inside the run just found. Then check the run is still free.
-            var r = start / entriesPerBlock
-            while r <= (start + count - 1) / entriesPerBlock {
-                _ = try ensureBlock(forCluster: r * entriesPerBlock < start ? start : r * entriesPerBlock)
-                r += 1
+            let start = try allocNoref(count)
+            do {
+                try update(start * clusterSize, count * clusterSize, addend: 1, decrease: false)
+                return start * clusterSize
+            } catch is Again {
+                continue
             }
-            var stillFree = true
-            for c in start..<(start + count) where try refcount(ofCluster: c) != 0 {
-                stillFree = false
-                break
+        }
+    }
+
+    /// Takes up to `count` free clusters starting exactly at cluster `start` (QEMU's
+    /// `qcow2_alloc_clusters_at`); returns how many were taken, 0 when `start` is in use.
+    func allocateAt(_ start: UInt64, count: UInt64) throws -> UInt64? {
+        while true {
+            var n: UInt64 = 0
+            while n < count, try refcount(ofCluster: start + n) == 0 { n += 1 }
+            guard n > 0 else { return 0 }
+            do {
+                try update(start * clusterSize, n * clusterSize, addend: 1, decrease: false)
+                return n
+            } catch is Again {
+                continue
             }
-            guard stillFree else { continue }
-            for c in start..<(start + count) { try setRefcount(ofCluster: c, to: 1) }
-            return start << UInt64(clusterBits)
+        }
+    }
+
+    /// Adds `delta` to one cluster's refcount (for clusters already in use).
+    func increment(cluster c: UInt64, by delta: Int64) throws {
+        while true {
+            do {
+                try update(c * clusterSize, clusterSize, addend: delta.magnitude, decrease: delta < 0)
+                return
+            } catch is Again {
+                continue
+            }
         }
     }
 
     /// Drops one reference to each cluster of `[offset, offset + length)`.
     func release(offset: UInt64, length: UInt64) throws {
-        guard length > 0 else { return }
-        let first = offset >> UInt64(clusterBits)
-        let last = (offset + length - 1) >> UInt64(clusterBits)
-        for c in first...last { try increment(cluster: c, by: -1) }
+        try update(offset, length, addend: 1, decrease: true)
+    }
+
+    /// Byte-granular allocation for compressed clusters (QEMU's `qcow2_alloc_bytes`):
+    /// continues in the partly used cluster of the previous call when the stream fits or
+    /// the next cluster is adjacent; every cluster touched gets +1.
+    func allocateBytes(_ size: UInt64, freeByteOffset: inout UInt64) throws -> UInt64 {
+        var offset = freeByteOffset
+        if offset != 0, try refcount(ofCluster: offset / clusterSize) == codec.maxValue { offset = 0 }
+        var freeInCluster = clusterSize - offset % clusterSize
+        while true {
+            if offset == 0 || freeInCluster < size {
+                let newCluster = try allocNoref(1) * clusterSize
+                if offset == 0 || (offset + clusterSize - 1) / clusterSize * clusterSize != newCluster {
+                    offset = newCluster
+                    freeInCluster = clusterSize
+                } else {
+                    freeInCluster += clusterSize
+                }
+            }
+            do {
+                try update(offset, size, addend: 1, decrease: false)
+                break
+            } catch is Again {
+                offset = 0
+            }
+        }
+        freeByteOffset = (offset + size) % clusterSize == 0 ? 0 : offset + size
+        return offset
     }
 
     /// The highest cluster index below `limit` with a non-zero refcount.
@@ -153,122 +347,5 @@ final class RefcountManager {
             if try refcount(ofCluster: c) != 0 { return c }
         }
         return 0
-    }
-
-    /// The first free cluster (without taking it), like QEMU's `alloc_clusters_noref`.
-    func nextFreeCluster() throws -> UInt64 { try findFree(1) }
-
-    private func findFree(_ count: UInt64) throws -> UInt64 {
-        var c = max(freeHint, 1)
-        var runStart = c
-        var firstFree: UInt64?
-        while true {
-            if try refcount(ofCluster: c) != 0 {
-                c += 1
-                runStart = c
-            } else {
-                if firstFree == nil { firstFree = c }
-                c += 1
-                if c - runStart == count { break }
-            }
-        }
-        // Like QEMU's free_cluster_index: skip past the run when nothing free precedes it,
-        // so refcount blocks created for the run land after it.
-        freeHint = firstFree == runStart ? runStart + count : (firstFree ?? runStart)
-        return runStart
-    }
-
-    /// The host offset of the refcount block covering cluster `c`, creating it if needed.
-    private func ensureBlock(forCluster c: UInt64) throws -> UInt64 {
-        let r = c / entriesPerBlock
-        if r >= UInt64(table.count) { try growTable(toCover: r, including: c) }
-        if table[Int(r)] != 0 { return table[Int(r)] }
-        // A new block: take the first free cluster. If it falls inside the range the block
-        // describes, the block counts itself.
-        let candidate = try findFree(1)
-        let newOffset = candidate << UInt64(clusterBits)
-        var b = [UInt8](repeating: 0, count: Int(clusterSize))
-        if candidate / entriesPerBlock == r {
-            b.withUnsafeMutableBytes { codec.set($0, Int(candidate % entriesPerBlock), 1) }
-            try file.write(b, at: newOffset)
-        } else {
-            try file.write(b, at: newOffset)
-            try setRefcount(ofCluster: candidate, to: 1)
-            if table[Int(r)] != 0 { return table[Int(r)] }  // created meanwhile by recursion
-        }
-        blocks[newOffset] = b
-        blockOffsets.insert(newOffset)
-        table[Int(r)] = newOffset
-        var be = newOffset.bigEndian
-        try withUnsafeBytes(of: &be) { try file.write($0, at: tableOffset + r * 8) }
-        return newOffset
-    }
-
-    /// Builds a larger refcount table (and the refcount blocks that describe it) in fresh
-    /// clusters at the end of the image, switches the header to it, then frees the old one.
-    private func growTable(toCover r: UInt64, including c: UInt64) throws {
-        let n = entriesPerBlock
-        let cs = clusterSize
-        let entriesPerCluster = cs / 8
-        let fileClusters = (try file.size() + cs - 1) / cs
-        // The new area starts after everything that exists or is being addressed.
-        let areaStart = max(fileClusters, c + 1, UInt64(table.count) * n)
-        var newEntries = max(UInt64(table.count) * 3 / 2, r + 1)
-        var newBlocks: [UInt64] = []  // range indices needing a block inside the area
-        var tableClustersNeeded: UInt64 = 0
-        // Iterate to a fixed point: the area must hold the table and blocks for its own ranges.
-        for _ in 0..<16 {
-            tableClustersNeeded = (newEntries + entriesPerCluster - 1) / entriesPerCluster
-            let areaEnd = areaStart + tableClustersNeeded + UInt64(newBlocks.count)
-            newEntries = max(newEntries, (areaEnd + n - 1) / n + 1)
-            tableClustersNeeded = (newEntries + entriesPerCluster - 1) / entriesPerCluster
-            let end = areaStart + tableClustersNeeded + UInt64(newBlocks.count)
-            var needed: [UInt64] = []
-            for range in (areaStart / n)...((end - 1) / n) where range >= UInt64(table.count) || table[Int(range)] == 0 {
-                needed.append(range)
-            }
-            if needed.count == newBlocks.count { break }
-            newBlocks = needed
-        }
-        guard tableClustersNeeded * cs <= QCOW2Limits.maxRefcountTableBytes else {
-            throw QCOW2Error.invalidArgument("image too large: the refcount table would exceed 8 MiB")
-        }
-        let tableStart = areaStart
-        let blocksStart = areaStart + tableClustersNeeded
-        var newTable = table
-        newTable.append(contentsOf: [UInt64](repeating: 0, count: Int(tableClustersNeeded * entriesPerCluster) - table.count))
-        var blockContents: [UInt64: [UInt8]] = [:]
-        for (i, range) in newBlocks.enumerated() {
-            newTable[Int(range)] = (blocksStart + UInt64(i)) << UInt64(clusterBits)
-            blockContents[range] = [UInt8](repeating: 0, count: Int(cs))
-        }
-        // Refcounts of the area's own clusters: in new blocks directly, else through old ones.
-        let areaEnd = blocksStart + UInt64(newBlocks.count)
-        var viaOld: [UInt64] = []
-        for cl in tableStart..<areaEnd {
-            let range = cl / n
-            if blockContents[range] != nil {
-                blockContents[range]!.withUnsafeMutableBytes { codec.set($0, Int(cl % n), 1) }
-            } else {
-                viaOld.append(cl)
-            }
-        }
-        for (range, bytes) in blockContents { try file.write(bytes, at: newTable[Int(range)]) }
-        for cl in viaOld { try setRefcount(ofCluster: cl, to: 1) }
-        var tableBytes = [UInt8](); tableBytes.reserveCapacity(newTable.count * 8)
-        for e in newTable { tableBytes.appendBE(e) }
-        try file.write(tableBytes, at: tableStart << UInt64(clusterBits))
-        try file.sync()
-        let oldOffset = tableOffset, oldClusters = tableClusters
-        try switchTable(tableStart << UInt64(clusterBits), UInt32(tableClustersNeeded))
-        try file.sync()
-        for (range, bytes) in blockContents {
-            blocks[newTable[Int(range)]] = bytes
-            blockOffsets.insert(newTable[Int(range)])
-        }
-        table = newTable
-        tableOffset = tableStart << UInt64(clusterBits)
-        tableClusters = UInt32(tableClustersNeeded)
-        try release(offset: oldOffset, length: UInt64(oldClusters) << UInt64(clusterBits))
     }
 }
