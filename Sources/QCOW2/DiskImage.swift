@@ -130,6 +130,18 @@ public final class DiskImage: BlockDevice, Sendable {
         }
     }
 
+    /// Rewrites the top image's backing file name and format (header only).
+    public func setBacking(name: String?, format: String?) throws {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): a writable qcow2 image is needed") }
+        try writer.setBacking(name: name, format: format)
+    }
+
+    /// Empties the top image: every cluster is discarded so the backing file shows through.
+    public func makeEmpty() throws {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): a writable qcow2 image is needed") }
+        try writer.makeEmpty()
+    }
+
     /// Makes every completed write durable.
     public func flush() throws {
         if let writer { try writer.flush() } else { try rawWriter?.sync() }
@@ -156,6 +168,7 @@ public final class DiskImage: BlockDevice, Sendable {
     /// Finishes writing (if writable) and closes the chain's files.
     public func close() throws {
         try closeWriting()
+        topHandle.unlockImage()
         files.closeAll()
     }
 

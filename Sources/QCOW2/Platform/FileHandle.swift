@@ -168,19 +168,26 @@ extension FileHandle {
         func conflict(_ byte: UInt64) -> Bool { cqcow2_ofd_test(fd, Int64(byte), 1) == 1 }
         if forWriting {
             if conflict(100 + Self.permWrite) || conflict(200 + Self.permWrite) || conflict(200 + Self.permConsistentRead) {
-                throw QCOW2Error.io(path: path, operation: "Failed to get \"write\" lock (is another process using the image?)", errno: EAGAIN)
+                throw QCOW2Error.unsupported(path: path, "Failed to get \"write\" lock: is another process using the image?")
             }
             for byte in [100 + Self.permConsistentRead, 100 + Self.permWrite, 200 + Self.permWrite] {
                 _ = try lock(exclusive: false, start: byte, length: 1)
             }
         } else {
             if conflict(100 + Self.permWrite) {
-                throw QCOW2Error.io(path: path, operation: "Failed to get shared \"write\" lock (is another process writing the image?)", errno: EAGAIN)
+                throw QCOW2Error.unsupported(path: path, "Failed to get shared \"write\" lock: is another process writing the image?")
             }
             for byte in [100 + Self.permConsistentRead, 200 + Self.permWrite] {
                 _ = try lock(exclusive: false, start: byte, length: 1)
             }
         }
+    }
+}
+
+extension FileHandle {
+    /// Releases the image locks taken by `lockImage`.
+    public func unlockImage() {
+        _ = cqcow2_ofd_unlock(fd, 100, 200)
     }
 }
 

@@ -612,6 +612,58 @@ final class ImageWriter: @unchecked Sendable {
         try refcounts.allocateBytes(size, freeByteOffset: &freeByteOffset)
     }
 
+    // MARK: Header changes
+
+    /// Rewrites cluster 0 with a new backing file name and format (nil: no backing file),
+    /// keeping every other field and unknown extensions, as QEMU's `qcow2_update_header`.
+    func setBacking(name: String?, format: String?) throws {
+        try lock.withLock {
+            try ensureWritable()
+            try flushLocked()
+            var img = image
+            img.header.refcountTableOffset = refcounts.tableOffset
+            img.header.refcountTableClusters = refcounts.tableClusters
+            img.backingFileName = name
+            img.extensions.removeAll { $0.type == HeaderExtension.backingFormatType }
+            if let format, name != nil { img.extensions.append(.backingFormat(format)) }
+            if name != nil && img.header.autoclearFeatures.contains(.dataFileRaw) {
+                throw QCOW2Error.invalidArgument("a backing file is not allowed with data-file-raw")
+            }
+            guard var bytes = img.serializeCluster0() else {
+                throw QCOW2Error.invalidArgument("the backing file name does not fit in the image header")
+            }
+            bytes.append(contentsOf: [UInt8](repeating: 0, count: Int(cs) - bytes.count))
+            try file.write(bytes, at: 0)
+            try file.sync()
+            image = img
+        }
+    }
+
+    /// Discards every cluster of the active L1 table so that the layer is empty and the
+    /// backing file shows through everywhere (QEMU's `qcow2_make_empty` fallback path).
+    func makeEmpty() throws {
+        try lock.withLock {
+            try ensureWritable()
+            let l1Count = layer.l1.withLock { $0.count }
+            for l1i in 0..<l1Count {
+                let e = L1Entry(rawValue: layer.l1.withLock { $0[l1i] })
+                guard e.l2Offset != 0 else { continue }
+                let table = try writableTable(l1i)
+                for index in 0..<Int(g.l2Entries) {
+                    let old = entry(table, index)
+                    guard old.rawValue != 0 || old.bitmap != 0 else { continue }
+                    let guest = (UInt64(l1i) << UInt64(g.clusterBits + g.l2EntriesBits)) + UInt64(index) * cs
+                    let k = try kind(of: old, at: guest)
+                    setEntry(table, index, L2Entry(rawValue: 0, bitmap: 0))
+                    releaseOld(k, punch: true)
+                }
+                try flushIfOverBudget()
+            }
+            invalidate(0, virtualSize)
+            try flushLocked()
+        }
+    }
+
     // MARK: Resize
 
     /// Changes the virtual size (QEMU's `qcow2_co_truncate` with preallocation off).
