@@ -59,6 +59,9 @@ func wRoundTripData(size: Int, seed: UInt64) -> Data {
 /// One qemu-io style command, in the subset both `qemu-io` and `qcow2 io` accept.
 enum WOp: Sendable, CustomStringConvertible {
     case write(offset: Int, length: Int, pattern: UInt8)
+    /// `write -c`: whole clusters only (cluster-aligned offset; QEMU also refuses to
+    /// compress into an allocated cluster).
+    case compressed(offset: Int, length: Int, pattern: UInt8)
     case zero(offset: Int, length: Int, unmap: Bool)
     case discard(offset: Int, length: Int)
     case flush
@@ -67,6 +70,7 @@ enum WOp: Sendable, CustomStringConvertible {
     var command: String {
         switch self {
         case let .write(o, l, p): return "write -P 0x\(String(p, radix: 16)) \(o) \(l)"
+        case let .compressed(o, l, p): return "write -c -P 0x\(String(p, radix: 16)) \(o) \(l)"
         case let .zero(o, l, u): return "write -z\(u ? " -u" : "") \(o) \(l)"
         case let .discard(o, l): return "discard \(o) \(l)"
         case .flush: return "flush"
@@ -75,12 +79,13 @@ enum WOp: Sendable, CustomStringConvertible {
     var description: String { command }
 }
 
-/// What a qcow2 image must read back as, kept as plain bytes. Semantics follow QEMU:
+/// What a qcow2 image must read back as, kept as plain bytes. Semantics follow QEMU 7.2:
 /// a write stores the pattern; a zero write stores zeros; a discard only affects whole
 /// clusters inside the range (QEMU ignores partial clusters, except a partial last cluster
-/// that reaches the end of the disk), and such a cluster then reads as zeros — unless the
-/// image is v2 (compat=0.10) with a backing file, where the L2 entry is simply cleared and
-/// the backing file's data shows through again.
+/// that reaches the end of the disk), and such a cluster then reads as zeros — except on a
+/// v2 (compat=0.10) image with a backing file, where QEMU refuses discards altogether
+/// (qcow2_co_pdiscard returns -ENOTSUP: v2 has no zero flag, so discarding would expose
+/// stale backing data) and the data stays.
 struct WModel {
     var bytes: [UInt8]
     let clusterSize: Int
@@ -106,28 +111,29 @@ struct WModel {
 
     mutating func apply(_ op: WOp) {
         switch op {
-        case let .write(o, l, p):
-            for i in o..<(o + l) { bytes[i] = p }
+        case let .write(o, l, p), let .compressed(o, l, p):
+            fill(o, l, p)
         case let .zero(o, l, _):
-            for i in o..<(o + l) { bytes[i] = 0 }
+            fill(o, l, 0)
         case let .discard(o, l):
+            // Every cluster whose whole extent (the last one may be short) lies inside the range.
+            if !v3 && backing != nil { break }
             let c = clusterSize
-            var first = (o + c - 1) / c * c
-            let end = o + l
-            // The partial last cluster counts as whole when the range reaches the end of the disk.
-            if o % c != 0, end == size, first > o, (o / c) * c + c > size { first = o / c * c }
-            if o % c == 0 { first = o }
-            var start = first
-            while start < end {
-                let clusterEnd = min(start + c, size)
-                guard clusterEnd <= end, start % c == 0 else { break }
-                for i in start..<clusterEnd {
-                    bytes[i] = (!v3 && backing != nil) ? backing![i] : 0
-                }
-                start += c
+            var k = (o + c - 1) / c
+            while k * c < size {
+                let start = k * c, end = min(start + c, size)
+                guard end <= o + l else { break }
+                fill(start, end - start, 0)
+                k += 1
             }
         case .flush:
             break
+        }
+    }
+
+    private mutating func fill(_ offset: Int, _ length: Int, _ byte: UInt8) {
+        bytes.withUnsafeMutableBufferPointer { p in
+            UnsafeMutableBufferPointer(rebasing: p[offset..<(offset + length)]).initialize(repeating: byte)
         }
     }
 
@@ -323,8 +329,7 @@ final class WQemuIOHolder: @unchecked Sendable {
     }
 
     func send(_ line: String) {
-        let bytes = Array((line + "\n").utf8)
-        _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        FileHandle(fileDescriptor: fd, closeOnDealloc: false).write(Data((line + "\n").utf8))
     }
 
     /// Sends `quit`, closes the FIFO and waits for qemu-io to exit.
