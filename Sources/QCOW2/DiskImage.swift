@@ -51,9 +51,17 @@ public final class DiskImage: BlockDevice, Sendable {
             switch layers[0] {
             case let .qcow2(layer):
                 let dataFile = layer.dataFilePath != nil ? try files.handle(FileKey(layer: 0, dataFile: true)) : nil
+                let hasBacking = layer.image.backingFileName != nil
+                let sawBacking = layers.count > 1
                 disk.writer = try ImageWriter(
-                    layer: layer, file: top, dataFile: dataFile, l2Cache: disk.index.l2Cache, hasBacking: layers.count > 1,
-                    readGuest: { [unowned disk] offset, buffer in try disk.read(at: offset, into: buffer) },
+                    layer: layer, file: top, dataFile: dataFile, l2Cache: disk.index.l2Cache, hasBacking: hasBacking,
+                    readGuest: { [unowned disk] offset, buffer in
+                        // Copy-on-write must see the backing file; refuse rather than fill with zeros.
+                        guard sawBacking || !hasBacking else {
+                            throw QCOW2Error.invalidArgument("\(path): opened without its backing file, so partial cluster writes are not possible")
+                        }
+                        try disk.read(at: offset, into: buffer)
+                    },
                     invalidate: { [unowned disk] start, end in disk.index.invalidate(start: start, end: end) })
             case .raw:
                 disk.rawWriter = top
@@ -134,6 +142,17 @@ public final class DiskImage: BlockDevice, Sendable {
     public func setBacking(name: String?, format: String?) throws {
         guard let writer else { throw QCOW2Error.invalidArgument("\(path): a writable qcow2 image is needed") }
         try writer.setBacking(name: name, format: format)
+    }
+
+    /// Changes qcow2 creation options in place, as `qemu-img amend` does.
+    ///
+    /// - Parameters:
+    ///   - compat: "1.1" or "0.10" to upgrade or downgrade the header version.
+    ///   - backing: a new backing file name and format (header only, like `rebase -u`).
+    public func amend(compat: String? = nil, lazyRefcounts: Bool? = nil, refcountBits: Int? = nil,
+                      backing: (name: String?, format: String?)? = nil) throws {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): amend needs a writable qcow2 image") }
+        try writer.amend(compat: compat, lazyRefcounts: lazyRefcounts, refcountBits: refcountBits, backing: backing)
     }
 
     /// Empties the top image: every cluster is discarded so the backing file shows through.

@@ -24,7 +24,7 @@ final class ImageWriter: @unchecked Sendable {
 
     private let lock = Lock()
     private var image: ImageHeader
-    private let refcounts: RefcountManager
+    private var refcounts: RefcountManager
     private var dirtyL1: Set<Int> = []
     private var dirtyTables: Set<UInt64> = []
     private var l2Tables: Set<UInt64> = []
@@ -64,12 +64,7 @@ final class ImageWriter: @unchecked Sendable {
         }
         self.image = image
         let h = image.header
-        refcounts = try RefcountManager(file: file, header: h) { offset, clusters in
-            var pair: [UInt8] = []
-            pair.appendBE(offset)
-            pair.appendBE(clusters)
-            try file.write(pair, at: 48)
-        }
+        refcounts = try Self.refcountManager(file: file, header: h)
         for e in layer.l1.withLock({ $0 }) where L1Entry(rawValue: e).l2Offset != 0 {
             l2Tables.insert(L1Entry(rawValue: e).l2Offset)
         }
@@ -81,6 +76,19 @@ final class ImageWriter: @unchecked Sendable {
             try writeHeaderField(at: 88, image.header.autoclearFeatures.rawValue)
             try file.sync()
         }
+    }
+
+    private static func refcountManager(file: FileHandle, header: QCOW2Header) throws -> RefcountManager {
+        try RefcountManager(file: file, header: header) { offset, clusters in
+            var pair: [UInt8] = []
+            pair.appendBE(offset)
+            pair.appendBE(clusters)
+            try file.write(pair, at: 48)
+        }
+    }
+
+    private func makeRefcountManager(_ header: QCOW2Header) throws -> RefcountManager {
+        try Self.refcountManager(file: file, header: header)
     }
 
     private func writeHeaderField(at offset: UInt64, _ value: UInt64) throws {
@@ -614,28 +622,142 @@ final class ImageWriter: @unchecked Sendable {
 
     // MARK: Header changes
 
-    /// Rewrites cluster 0 with a new backing file name and format (nil: no backing file),
-    /// keeping every other field and unknown extensions, as QEMU's `qcow2_update_header`.
+    /// Rewrites cluster 0 after `body` changed the header (QEMU's `qcow2_update_header`:
+    /// the whole cluster in one write, unknown extensions kept). Metadata is flushed first.
+    private func rewriteHeader(_ body: (inout ImageHeader) throws -> Void) throws {
+        try flushLocked()
+        var img = image
+        img.header.refcountTableOffset = refcounts.tableOffset
+        img.header.refcountTableClusters = refcounts.tableClusters
+        try body(&img)
+        if img.backingFileName != nil && img.header.autoclearFeatures.contains(.dataFileRaw) {
+            throw QCOW2Error.invalidArgument("a backing file is not allowed with data-file-raw")
+        }
+        guard var bytes = img.serializeCluster0() else {
+            throw QCOW2Error.invalidArgument("the header extensions and backing file name do not fit in the first cluster")
+        }
+        bytes.append(contentsOf: [UInt8](repeating: 0, count: Int(cs) - bytes.count))
+        try file.write(bytes, at: 0)
+        try file.sync()
+        image = img
+    }
+
+    /// Sets a new backing file name and format (nil: no backing file); header only.
     func setBacking(name: String?, format: String?) throws {
         try lock.withLock {
             try ensureWritable()
-            try flushLocked()
-            var img = image
-            img.header.refcountTableOffset = refcounts.tableOffset
-            img.header.refcountTableClusters = refcounts.tableClusters
-            img.backingFileName = name
-            img.extensions.removeAll { $0.type == HeaderExtension.backingFormatType }
-            if let format, name != nil { img.extensions.append(.backingFormat(format)) }
-            if name != nil && img.header.autoclearFeatures.contains(.dataFileRaw) {
-                throw QCOW2Error.invalidArgument("a backing file is not allowed with data-file-raw")
+            try rewriteHeader { img in
+                img.backingFileName = name
+                img.extensions.removeAll { $0.type == HeaderExtension.backingFormatType }
+                if let format, name != nil { img.extensions.append(.backingFormat(format)) }
             }
-            guard var bytes = img.serializeCluster0() else {
-                throw QCOW2Error.invalidArgument("the backing file name does not fit in the image header")
+        }
+    }
+
+    /// `qemu-img amend` for qcow2: version up/downgrade, lazy refcounts, refcount width,
+    /// backing file. Steps run in QEMU's order (upgrade first, downgrade last).
+    func amend(compat: String?, lazyRefcounts: Bool?, refcountBits: Int?, backing: (name: String?, format: String?)?) throws {
+        try lock.withLock {
+            try ensureWritable()
+            var target = image.header.version
+            if let compat {
+                switch compat {
+                case "1.1", "v3": target = 3
+                case "0.10", "v2": target = 2
+                default: throw QCOW2Error.invalidArgument("Invalid compatibility level: '\(compat)'")
+                }
             }
-            bytes.append(contentsOf: [UInt8](repeating: 0, count: Int(cs) - bytes.count))
-            try file.write(bytes, at: 0)
-            try file.sync()
-            image = img
+            if target == 3 && image.header.version == 2 {
+                try rewriteHeader { img in
+                    img.header.version = 3
+                    img.header.headerLength = UInt32(QCOW2Header.qemuV3Length)
+                    img.header.refcountOrder = 4
+                    if cs > 4096 && !img.extensions.contains(where: { $0.type == HeaderExtension.featureNameTableType }) {
+                        img.extensions.append(.featureNameTable(FeatureNameEntry.qemuDefault))
+                    }
+                }
+            }
+            if let backing {
+                try rewriteHeader { img in
+                    img.backingFileName = backing.name
+                    img.extensions.removeAll { $0.type == HeaderExtension.backingFormatType }
+                    if let f = backing.format, backing.name != nil { img.extensions.append(.backingFormat(f)) }
+                }
+            }
+            if let lazy = lazyRefcounts, lazy != image.header.compatibleFeatures.contains(.lazyRefcounts) {
+                guard target >= 3 else {
+                    throw QCOW2Error.invalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+                }
+                try rewriteHeader { img in
+                    if lazy { img.header.compatibleFeatures.insert(.lazyRefcounts) } else { img.header.compatibleFeatures.remove(.lazyRefcounts) }
+                }
+            }
+            if let bits = refcountBits, bits != image.header.refcountBits {
+                guard bits > 0, bits <= 64, bits.nonzeroBitCount == 1 else {
+                    throw QCOW2Error.invalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
+                }
+                guard target >= 3 else {
+                    throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
+                }
+                try flushLocked()
+                var img = image
+                try RefcountRebuild.rebuild(file: file, image: &img, newOrder: UInt32(bits.trailingZeroBitCount))
+                image = img
+                refcounts = try makeRefcountManager(img.header)
+            }
+            if target == 2 && image.header.version == 3 { try downgrade() }
+        }
+    }
+
+    /// QEMU's `qcow2_downgrade`: zero clusters are expanded (v2 has no zero flag), then the
+    /// header is rewritten as version 2.
+    private func downgrade() throws {
+        let h = image.header
+        guard h.refcountOrder == 4 else {
+            throw QCOW2Error.invalidArgument("Cannot downgrade an image with a refcount width other than 16 bits")
+        }
+        guard !h.hasExtendedL2 else { throw QCOW2Error.invalidArgument("Cannot downgrade an image with extended L2 entries") }
+        guard !h.hasExternalDataFile else { throw QCOW2Error.invalidArgument("Cannot downgrade an image with a data file") }
+        guard h.compressionType == .deflate else {
+            throw QCOW2Error.invalidArgument("Cannot downgrade an image with a compression type other than zlib")
+        }
+        guard h.nbSnapshots == 0 else {
+            throw QCOW2Error.unsupported(path: layer.path, "downgrading an image with internal snapshots is not supported")
+        }
+        // Expand zero clusters of the active table.
+        let l1Count = layer.l1.withLock { $0.count }
+        for l1i in 0..<l1Count where L1Entry(rawValue: layer.l1.withLock { $0[l1i] }).l2Offset != 0 {
+            let table = try writableTable(l1i)
+            for index in 0..<Int(g.l2Entries) {
+                let e = entry(table, index)
+                let guest = (UInt64(l1i) << UInt64(g.clusterBits + g.l2EntriesBits)) + UInt64(index) * cs
+                guard guest < virtualSize else { break }
+                switch try kind(of: e, at: guest) {
+                case .zeroPlain where !hasBacking:
+                    setEntry(table, index, L2Entry(rawValue: 0))
+                case .zeroPlain:
+                    let host = try refcounts.allocate(clusters: 1)
+                    try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+                    bumpFileEnd(host + cs)
+                    setEntry(table, index, L2Entry(rawValue: host | L2Entry.copiedFlag))
+                case let .zeroAllocated(host):
+                    try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+                    setEntry(table, index, L2Entry(rawValue: host | (e.rawValue & L2Entry.copiedFlag)))
+                default:
+                    break
+                }
+            }
+            try flushIfOverBudget()
+        }
+        invalidate(0, virtualSize)
+        try rewriteHeader { img in
+            img.header.version = 2
+            img.header.headerLength = UInt32(QCOW2Header.v2Length)
+            img.header.incompatibleFeatures = []
+            img.header.compatibleFeatures = []
+            img.header.autoclearFeatures = []
+            img.header.unknownTrailingFields = []
+            img.extensions.removeAll { $0.type == HeaderExtension.featureNameTableType }
         }
     }
 
