@@ -27,6 +27,9 @@ public final class DiskImage: BlockDevice, Sendable {
     nonisolated(unsafe) private var rawWriter: FileHandle?
 
     private struct CompressedKey: Hashable { var layer: Int32; var host: UInt64 }
+    /// Per layer: data clusters that are holes in the file report as zero (see
+    /// `QCOW2Layer.detectMetadataPreallocation`). Computed on first use by `allocationMap`.
+    private let holesReadAsZero = Mutex<[Int32: Bool]>([:])
 
     private init(path: String, layers: [Layer], files: OpenFileCache, options: OpenOptions, top: FileHandle) {
         self.path = path
@@ -155,6 +158,12 @@ public final class DiskImage: BlockDevice, Sendable {
         try writer.amend(compat: compat, lazyRefcounts: lazyRefcounts, refcountBits: refcountBits, backing: backing)
     }
 
+    /// Preallocates a freshly created qcow2 image ("metadata", "falloc" or "full").
+    public func preallocate(mode: String) throws {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): preallocation needs a writable qcow2 image") }
+        try writer.preallocate(mode: mode)
+    }
+
     /// Empties the top image: every cluster is discarded so the backing file shows through.
     public func makeEmpty() throws {
         guard let writer else { throw QCOW2Error.invalidArgument("\(path): a writable qcow2 image is needed") }
@@ -270,15 +279,54 @@ public final class DiskImage: BlockDevice, Sendable {
             while pos < end && i < extents.count {
                 let e = extents[i]
                 let n = min(e.end, end) - pos
-                let a = allocationExtent(e, start: pos, length: n)
-                if let last = out.last, last.canMerge(with: a) {
-                    out[out.count - 1].length += a.length
-                } else {
-                    out.append(a)
+                for a in try splitByFileHoles(allocationExtent(e, start: pos, length: n), e) {
+                    if let last = out.last, last.canMerge(with: a) {
+                        out[out.count - 1].length += a.length
+                    } else {
+                        out.append(a)
+                    }
                 }
                 pos += n
                 i += 1
             }
+        }
+        return out
+    }
+
+    /// For metadata-preallocated qcow2 layers, marks data that is a hole in the file as
+    /// zero, as QEMU's block-status recursion into the file does.
+    private func splitByFileHoles(_ a: AllocationExtent, _ e: ChainExtent) throws -> [AllocationExtent] {
+        guard a.data, !a.compressed, let offset = a.offset, case let .qcow2(layer) = layers[Int(e.depth)] else { return [a] }
+        let depth = e.depth
+        let cached = holesReadAsZero.withLock { $0[depth] }
+        let detect: Bool
+        if let cached {
+            detect = cached
+        } else {
+            detect = try layer.detectMetadataPreallocation(file: try files.handle(FileKey(layer: depth, dataFile: false)))
+            holesReadAsZero.withLock { $0[depth] = detect }
+        }
+        guard detect else { return [a] }
+        let file = try files.handle(FileKey(layer: depth, dataFile: e.piece.inDataFile))
+        var out: [AllocationExtent] = []
+        var pos = offset
+        let end = offset + a.length
+        while pos < end {
+            var piece = a
+            let dataAt = file.nextData(from: pos) ?? end
+            let runEnd: UInt64
+            if dataAt > pos {
+                runEnd = min(end, dataAt)
+                piece.zero = true
+            } else {
+                runEnd = min(end, file.nextHole(from: pos) ?? end)
+            }
+            guard runEnd > pos else { return [a] }
+            piece.start = a.start + (pos - offset)
+            piece.length = runEnd - pos
+            piece.offset = pos
+            out.append(piece)
+            pos = runEnd
         }
         return out
     }

@@ -39,13 +39,12 @@ struct Create: ParsableCommand {
             switch format {
             case "qcow2":
                 if !quiet {
-                    var line = "Formatting '\(path)', fmt=qcow2 cluster_size=\(o.clusterSize) extended_l2=\(o.extendedL2 ? "on" : "off") compression_type=\(o.compressionType) size=\((o.size + 511) & ~511)"
+                    var line = "Formatting '\(path)', fmt=qcow2 cluster_size=\(o.clusterSize) extended_l2=\(o.extendedL2 ? "on" : "off")\(o.preallocation != "off" ? " preallocation=" + o.preallocation : "") compression_type=\(o.compressionType) size=\((o.size + 511) & ~511)"
+                    if o.compat != "1.1" { line += " compat=\(o.compat)" }
                     if let b = backing { line += " backing_file=\(b)" }
                     if let f = backingFmt, backing != nil { line += " backing_fmt=\(f)" }
                     if let d = o.dataFile { line += " data_file=\(d)" }
                     if o.dataFileRaw { line += " data_file_raw=on" }
-                    if o.compat != "1.1" { line += " compat=\(o.compat)" }
-                    if o.preallocation != "off" { line += " preallocation=\(o.preallocation)" }
                     line += " lazy_refcounts=\(o.lazyRefcounts ? "on" : "off") refcount_bits=\(o.refcountBits)"
                     print(line)
                 }

@@ -80,6 +80,35 @@ final class QCOW2Layer: Sendable {
         self.l1 = Mutex(l1)
     }
 
+    /// QEMU's `qcow2_detect_metadata_preallocation`: true when far more clusters carry a
+    /// refcount than the file really occupies. QEMU then reports data clusters that are holes
+    /// in the file as reading zeros, so `map` does the same. Reads at most the refcount
+    /// table and blocks covering the file.
+    func detectMetadataPreallocation(file: FileHandle) throws -> Bool {
+        let cs = geometry.clusterSize
+        let realClusters = try file.allocatedSize() / cs
+        let threshold = max(realClusters * 10 / 9, realClusters + 2)
+        let clusters = (try file.size() + cs - 1) / cs
+        let h = header
+        let codec = RefcountBlockCodec(order: h.refcountOrder)
+        let perBlock = UInt64(codec.entries(clusterSize: Int(cs)))
+        let tableEntries = min(UInt64(h.refcountTableClusters) * cs / 8, (clusters + perBlock - 1) / perBlock)
+        guard tableEntries > 0 else { return false }
+        let table = try file.read(count: Int(tableEntries * 8), at: h.refcountTableOffset)
+        var counted: UInt64 = 0
+        for t in 0..<Int(tableEntries) {
+            let blockOffset = table.withUnsafeBytes { RefcountTableEntry(rawValue: loadBE64($0, t * 8)).blockOffset }
+            guard blockOffset != 0, blockOffset % cs == 0 else { continue }
+            let block = try file.read(count: Int(cs), at: blockOffset)
+            let first = UInt64(t) * perBlock
+            block.withUnsafeBytes { raw in
+                for i in 0..<Int(min(perBlock, clusters - first)) where codec.get(raw, i) > 0 { counted += 1 }
+            }
+            if counted > threshold { return true }
+        }
+        return false
+    }
+
     static func readHeader(file: FileHandle, path: String, fileSize: UInt64) throws -> ImageHeader {
         // Read a prefix first: for 2 MiB clusters, cluster 0 is large and almost all of it
         // is padding. Read the rest only if the extensions run past the prefix.

@@ -42,17 +42,20 @@ public enum ImageCreator {
             if o.refcountBits != 16 { throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)") }
             if o.extendedL2 { throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
             if o.compressionType != .deflate { throw QCOW2Error.invalidArgument("Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)") }
-            if o.dataFile != nil { throw QCOW2Error.invalidArgument("External data files are only supported with compatibility level 1.1 and above") }
+            if o.dataFile != nil { throw QCOW2Error.invalidArgument("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
         }
         if o.extendedL2 && clusterBits < QCOW2Limits.minClusterBitsExtendedL2 {
             throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
         }
-        guard o.preallocation == "off" else {
-            throw QCOW2Error.invalidArgument("preallocation=\(o.preallocation) is not supported by this build (off is)")
+        guard ["off", "metadata", "falloc", "full"].contains(o.preallocation) else {
+            throw QCOW2Error.invalidArgument("Invalid preallocation mode: '\(o.preallocation)'")
         }
         if o.dataFileRaw {
             guard o.dataFile != nil else { throw QCOW2Error.invalidArgument("data-file-raw requires data-file") }
-            throw QCOW2Error.invalidArgument("data_file_raw=on is not supported by this build (it needs metadata preallocation)")
+            guard o.backingFile == nil else { throw QCOW2Error.invalidArgument("Backing file and data-file-raw cannot be used at the same time") }
+        }
+        if o.preallocation != "off" && o.backingFile != nil {
+            throw QCOW2Error.invalidArgument("Backing file and preallocation can only be used at the same time if extended_l2 is on")
         }
         if o.backingFile != nil && o.backingFormat == nil {
             throw QCOW2Error.invalidArgument("Backing file specified without backing format")
@@ -83,6 +86,7 @@ public enum ImageCreator {
             h.incompatibleFeatures.insert(.compressionType)
         }
         if o.dataFile != nil { h.incompatibleFeatures.insert(.externalDataFile) }
+        if o.dataFileRaw { h.autoclearFeatures.insert(.dataFileRaw) }
         h.refcountTableOffset = o.clusterSize
         h.refcountTableClusters = 1
         var extensions: [HeaderExtension] = []
@@ -136,6 +140,16 @@ public enum ImageCreator {
             try data.sync()
         }
         try file.sync()
+        // data-file-raw means the data file must be a complete raw image: QEMU then
+        // preallocates the metadata.
+        let prealloc = o.dataFileRaw && o.preallocation == "off" ? "metadata" : o.preallocation
+        if prealloc != "off" {
+            var options = OpenOptions(format: "qcow2", writable: true)
+            options.followBackingFiles = false
+            let disk = try DiskImage.open(path: path, options: options)
+            try disk.preallocate(mode: prealloc)
+            try disk.close()
+        }
     }
 }
 

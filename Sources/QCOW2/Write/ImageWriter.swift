@@ -786,6 +786,98 @@ final class ImageWriter: @unchecked Sendable {
         }
     }
 
+    // MARK: Preallocation
+
+    /// Preallocates the whole virtual disk of a freshly created image, as QEMU's
+    /// `preallocate_co` (metadata) and the falloc/full branch of `qcow2_co_truncate` do:
+    /// every cluster gets an L2 entry pointing at its own host cluster; with falloc/full the
+    /// data area is allocated in the file (full also writes zeros).
+    func preallocate(mode: String) throws {
+        try lock.withLock {
+            try ensureWritable()
+            let size = virtualSize
+            let clusters = (size + cs - 1) / cs
+            guard clusters > 0 else { return }
+            if mode == "metadata" || dataFile != nil {
+                var guest: UInt64 = 0
+                var hint: UInt64?
+                var hostEnd: UInt64 = 0
+                while guest < clusters * cs {
+                    let (table, index, count) = try sliceRun(at: guest, clustersLeft: clusters - guest / cs)
+                    let host: UInt64
+                    var n = count
+                    if dataFile != nil {
+                        host = guest
+                    } else if let h = hint, let got = try refcounts.allocateAt(h / cs, count: count), got > 0 {
+                        host = h
+                        n = got
+                    } else {
+                        host = try refcounts.allocate(clusters: count)
+                    }
+                    for i in 0..<Int(n) { setEntry(table, index + i, L2Entry(rawValue: (host + UInt64(i) * cs) | L2Entry.copiedFlag)) }
+                    hint = dataFile == nil ? host + n * cs : nil
+                    hostEnd = max(hostEnd, host + n * cs)
+                    guest += n * cs
+                    try flushIfOverBudget()
+                }
+                try flushLocked()
+                if let dataFile {
+                    try dataFile.truncate(to: size)
+                    if mode == "falloc" { try dataFile.preallocate(at: 0, length: size) }
+                    if mode == "full" { try writeZeros(dataFile, from: 0, to: size) }
+                } else if try file.size() < hostEnd {
+                    try file.truncate(to: hostEnd)
+                }
+            } else {
+                let lastUsed = try refcounts.lastUsedCluster(below: (try file.size() + cs - 1) / cs)
+                let l2Tables = (clusters + g.l2Entries - 1) / g.l2Entries + 1
+                let start = try refcounts.refcountArea(startCluster: lastUsed + 1, additionalClusters: clusters + l2Tables,
+                                                       exactSize: true, newRefblockIndex: 0, newRefblockOffset: 0)
+                guard let got = try refcounts.allocateAt(start, count: clusters), got == clusters else {
+                    throw QCOW2Error.io(path: layer.path, operation: "preallocation", errno: 28)
+                }
+                let dataStart = start * cs, dataEnd = (start + clusters) * cs
+                if mode == "full" {
+                    try writeZeros(file, from: dataStart, to: dataEnd)
+                } else {
+                    try file.preallocate(at: dataStart, length: dataEnd - dataStart)
+                }
+                bumpFileEnd(dataEnd)
+                var guest: UInt64 = 0
+                while guest < clusters * cs {
+                    let (table, index, count) = try sliceRun(at: guest, clustersLeft: clusters - guest / cs)
+                    for i in 0..<Int(count) {
+                        setEntry(table, index + i, L2Entry(rawValue: (dataStart + guest + UInt64(i) * cs) | L2Entry.copiedFlag))
+                    }
+                    guest += count * cs
+                    try flushIfOverBudget()
+                }
+                try flushLocked()
+            }
+            invalidate(0, size)
+        }
+    }
+
+    /// The writable L2 table for `guest`, the entry index, and how many clusters from there
+    /// fit in the rest of its L2 slice.
+    private func sliceRun(at guest: UInt64, clustersLeft: UInt64) throws -> (UInt64, Int, UInt64) {
+        let table = try writableTable(Int(g.l1Index(guest)))
+        let index = Int(g.l2Index(guest))
+        let sliceEntries = Int(layer.sliceEntries)
+        let left = UInt64((index / sliceEntries + 1) * sliceEntries - index)
+        return (table, index, min(left, clustersLeft))
+    }
+
+    private func writeZeros(_ f: FileHandle, from: UInt64, to: UInt64) throws {
+        let chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var pos = from
+        while pos < to {
+            let n = Int(min(UInt64(chunk.count), to - pos))
+            try chunk.withUnsafeBytes { try f.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
+            pos += UInt64(n)
+        }
+    }
+
     // MARK: Resize
 
     /// Changes the virtual size (QEMU's `qcow2_co_truncate` with preallocation off).

@@ -206,7 +206,7 @@ final class RefcountManager {
     /// QEMU's `qcow2_refcount_area`: at `startCluster` (end of the image), new refcount
     /// blocks and a new, larger table that cover themselves; then the header switch and the
     /// release of the old table. Returns the cluster after the new structures.
-    private func refcountArea(startCluster: UInt64, additionalClusters: UInt64, exactSize: Bool,
+    func refcountArea(startCluster: UInt64, additionalClusters: UInt64, exactSize: Bool,
                               newRefblockIndex: Int, newRefblockOffset: UInt64) throws -> UInt64 {
         let total = refblockCount(clusters: startCluster + additionalClusters, generous: !exactSize)
         let perTableCluster = clusterSize / 8
