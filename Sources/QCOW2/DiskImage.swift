@@ -65,7 +65,10 @@ public final class DiskImage: BlockDevice, Sendable {
                         }
                         try disk.read(at: offset, into: buffer)
                     },
-                    invalidate: { [unowned disk] start, end in disk.index.invalidate(start: start, end: end) })
+                    invalidate: { [unowned disk] start, end in
+                        // Patch cached resolutions; if that fails, forget them instead.
+                        do { try disk.index.refresh(start: start, end: end) } catch { disk.index.invalidate(start: start, end: end) }
+                    })
             case .raw:
                 disk.rawWriter = top
             }

@@ -14,6 +14,9 @@ struct Bench: ParsableCommand {
     @Option(name: .customShort("o"), help: "Offset of the first request.") var offset: String = "0"
     @Option(name: .customShort("d"), help: "Requests in flight (reported; threads do the work).") var depth: Int = 64
     @Option(name: .customShort("t"), help: "Worker threads (default 1).") var threads: Int = 1
+    @Flag(name: .customShort("w"), help: "Write instead of read.") var write = false
+    @Option(name: .customLong("pattern"), help: "Byte written in write mode (default 0, as qemu-img).") var pattern: String = "0"
+    @Option(name: .customLong("flush-interval"), help: "Flush after this many writes (0: only at the end).") var flushInterval: Int = 0
     @Argument(help: "The image file.") var path: String
 
     func run() throws {
@@ -22,10 +25,17 @@ struct Bench: ParsableCommand {
             guard let step = parseSize(step ?? String(size)) else { throw ValidationError("invalid step size") }
             guard let start = parseSize(offset) else { throw ValidationError("invalid offset") }
             guard count >= 0, (1...256).contains(threads), depth >= 1 else { throw ValidationError("invalid -c, -t or -d") }
-            let disk = try DiskImage.open(path: path, options: image.openOptions())
+            var options = image.openOptions()
+            options.writable = write
+            let disk = try DiskImage.open(path: path, options: options)
+            let fill: UInt8
+            if pattern.hasPrefix("0x"), let p = UInt8(pattern.dropFirst(2), radix: 16) { fill = p } else if let p = UInt8(pattern) { fill = p } else {
+                throw ValidationError("invalid pattern '\(pattern)'")
+            }
+            let writing = write, interval = flushInterval
             let imageSize = disk.virtualSize
             guard imageSize >= size else { throw ValidationError("image is smaller than one request") }
-            print("Sending \(count) read requests, \(size) bytes each, \(depth) in parallel (starting at offset \(start), step size \(step))")
+            print("Sending \(count) \(write ? "write" : "read") requests, \(size) bytes each, \(depth) in parallel (starting at offset \(start), step size \(step))")
             let next = Atomic<Int>(0)
             let failure = Mutex<(any Error)?>(nil)
             let requestCount = count
@@ -33,6 +43,7 @@ struct Bench: ParsableCommand {
             DispatchQueue.concurrentPerform(iterations: threads) { _ in
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(size), alignment: 4096)
                 defer { buffer.deallocate() }
+                buffer.initializeMemory(as: UInt8.self, repeating: fill)
                 while true {
                     let i = next.add(1, ordering: .relaxed).oldValue
                     guard i < requestCount else { return }
@@ -41,7 +52,12 @@ struct Bench: ParsableCommand {
                     var at = (overflow ? 0 : (start &+ m)) % imageSize
                     if at + size > imageSize { at = 0 }
                     do {
-                        try disk.read(at: at, into: buffer)
+                        if writing {
+                            try disk.write(at: at, from: UnsafeRawBufferPointer(buffer))
+                            if interval > 0 && (i + 1) % interval == 0 { try disk.flush() }
+                        } else {
+                            try disk.read(at: at, into: buffer)
+                        }
                     } catch {
                         failure.withLock { if $0 == nil { $0 = error } }
                         return
@@ -49,6 +65,7 @@ struct Bench: ParsableCommand {
                 }
             }
             if let error = failure.withLock({ $0 }) { throw error }
+            if writing { try disk.close() }
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - begin) / 1e9
             let ms = Int((seconds * 1000).rounded())
             print("Run completed in \(ms / 1000).\(String(repeating: "0", count: 3 - String(ms % 1000).count))\(ms % 1000) seconds.")

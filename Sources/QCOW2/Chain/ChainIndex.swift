@@ -11,6 +11,16 @@ struct ChainExtent: Sendable {
     var end: UInt64 { piece.end }
     /// Allocated in some layer (false: reads as zeros because nothing below has it).
     var present: Bool { piece.kind != .unallocated }
+
+    /// The part of this extent inside `range` (which must overlap it).
+    func trimmed(to range: Range<UInt64>) -> ChainExtent {
+        var e = self
+        let s = max(start, range.lowerBound), t = min(end, range.upperBound)
+        if piece.hasHost && piece.kind != .compressed { e.piece.host = piece.host + (s - start) }
+        e.piece.start = s
+        e.piece.length = t - s
+        return e
+    }
 }
 
 /// The chain-wide index: the key structure that makes a read cost the same at depth 1000
@@ -83,9 +93,41 @@ final class ChainIndex: Sendable {
         }
     }
 
+    /// Re-resolves `[start, end)` after the top layer changed there, and splices the result
+    /// into the cached regions that cover it (cheaper than dropping whole regions: a write
+    /// would otherwise make the next read re-resolve 32 MiB through the whole chain).
+    func refresh(start: UInt64, end: UInt64) throws {
+        guard end > start else { return }
+        let first = start >> UInt64(regionBits), last = (end - 1) >> UInt64(regionBits)
+        for r in first...last {
+            let rs = max(start, r << UInt64(regionBits)), re = min(end, (r + 1) << UInt64(regionBits), virtualSize)
+            guard rs < re else { continue }
+            let fresh = try resolve(range: rs..<re)
+            cache.withLock { c in
+                generation.add(1, ordering: .releasing)
+                guard let old = c.removeValue(for: r) else { return }
+                var spliced: [ChainExtent] = []
+                spliced.reserveCapacity(old.count + fresh.count)
+                for e in old where e.start < rs {
+                    spliced.append(e.end > rs ? e.trimmed(to: e.start..<rs) : e)
+                }
+                spliced.append(contentsOf: fresh)
+                for e in old where e.end > re {
+                    spliced.append(e.start < re ? e.trimmed(to: re..<e.end) : e)
+                }
+                c.insert(spliced, for: r, cost: 64 + spliced.count * MemoryLayout<ChainExtent>.stride)
+            }
+        }
+    }
+
     private func resolve(_ r: UInt64) throws -> [ChainExtent] {
         let start = r << UInt64(regionBits)
-        let end = min(virtualSize, start + regionSize)
+        return try resolve(range: start..<min(virtualSize, start + regionSize))
+    }
+
+    /// Resolves a guest range top-down through the chain.
+    private func resolve(range: Range<UInt64>) throws -> [ChainExtent] {
+        let start = range.lowerBound, end = range.upperBound
         guard start < end else { return [] }
         var result: [ChainExtent] = []
         var pending: [Range<UInt64>] = [start..<end]

@@ -309,9 +309,22 @@ final class ImageWriter: @unchecked Sendable {
             let length = Int(runEnd - runStart)
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
             defer { buffer.deallocate() }
-            if headCOW > 0 { try readGuest(runStart, UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(headCOW)])) }
+            // Copy-on-write reads are needed only where the old cluster (or the backing file)
+            // can hold non-zero data.
+            func readsZero(_ k: ClusterKind) -> Bool {
+                switch k {
+                case .zeroPlain, .zeroAllocated: return true
+                case .unallocated: return !hasBacking
+                default: return false
+                }
+            }
+            if headCOW > 0 {
+                let head = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(headCOW)])
+                if readsZero(kinds[0]) { head.initializeMemory(as: UInt8.self, repeating: 0) } else { try readGuest(runStart, head) }
+            }
             if tailFrom < runEnd {
-                try readGuest(tailFrom, UnsafeMutableRawBufferPointer(rebasing: buffer[Int(tailFrom - runStart)..<length]))
+                let tail = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(tailFrom - runStart)..<length])
+                if readsZero(kinds[Int(count) - 1]) { tail.initializeMemory(as: UInt8.self, repeating: 0) } else { try readGuest(tailFrom, tail) }
             }
             UnsafeMutableRawBufferPointer(rebasing: buffer[Int(headCOW)..<Int(headCOW + written)])
                 .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<Int(written)]))
