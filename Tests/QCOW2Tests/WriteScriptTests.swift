@@ -8,7 +8,14 @@ struct WScriptConfig: Sendable, CustomTestStringConvertible {
     var options: String?
     var clusterSize = 65536
     var backing: Backing = .none
+    /// An external data file: A uses `a.data`; B is a copy of both files, pointed at `b.data`
+    /// with `qemu-img amend`. (qemu 7.2 resolves relative data-file names against the cwd,
+    /// so everything runs in the image directory.) QEMU cannot compress into such images.
+    var dataFile = false
     var testDescription: String { name }
+
+    var imageA: String { "a.qcow2" }
+    var imageB: String { "b.qcow2" }
 
     var size: Int { max(4 << 20, 32 * max(clusterSize, 16384)) }
 
@@ -28,6 +35,8 @@ struct WScriptConfig: Sendable, CustomTestStringConvertible {
         .init(name: "qcow2 backing with a pattern", options: nil, backing: .qcow2Pattern),
         .init(name: "raw backing shorter than the overlay", options: nil, backing: .rawShorter),
         .init(name: "raw backing shorter, cluster_size=512", options: "cluster_size=512", clusterSize: 512, backing: .rawShorter),
+        .init(name: "data_file", options: "data_file=a.data", dataFile: true),
+        .init(name: "data_file, extended_l2=on", options: "data_file=a.data,extended_l2=on", dataFile: true),
     ]
 
     /// The command script, in two parts run by two processes (the image is reopened between them).
@@ -69,7 +78,21 @@ struct WScriptConfig: Sendable, CustomTestStringConvertible {
             "flush",
             "write -P 0x3d \(26 * u) 512",
         ]
+        if dataFile { return [first, second].map { $0.filter { !$0.hasPrefix("write -c") } } }
         return [first, second]
+    }
+
+    /// Makes image A (and its backing or data file) in `dir` with qemu-img, and B as a copy.
+    func makeImages(_ b: ImageBuilder) async throws {
+        if dataFile {
+            try await b.create("a.qcow2", size: String(size), options: options)
+            try wCopy(b.path("a.qcow2"), b.path("b.qcow2"))
+            try wCopy(b.path("a.data"), b.path("b.data"))
+            try await b.img(["amend", "-f", "qcow2", "-o", "data_file=b.data", "b.qcow2"])
+            return
+        }
+        try await makeImage(b)
+        try wCopy(b.path("a.qcow2"), b.path("b.qcow2"))
     }
 
     /// Makes `a.qcow2` (and its backing file) in `dir` with qemu-img.
@@ -101,34 +124,43 @@ struct WriteScriptTests {
     func sameScript(_ cfg: WScriptConfig) async throws {
         try await withTempDir("script-" + cfg.name) { dir in
             let b = ImageBuilder(dir: dir)
-            try await cfg.makeImage(b)
-            try wCopy(b.path("a.qcow2"), b.path("b.qcow2"))
+            try await cfg.makeImages(b)
+            let (a, bImage) = (cfg.imageA, cfg.imageB)
 
             for part in cfg.script() {
-                let q = try await wQemuIO("a.qcow2", part, cwd: dir)
+                let q = try await wQemuIO(a, part, cwd: dir)
                 try #require(wIOClean(q), "qemu-io must accept the script: \(q)")
-                let o = try await wOurIO("b.qcow2", part, cwd: dir)
+                let o = try await wOurIO(bImage, part, cwd: dir)
                 expectSane(o)
                 #expect(wIOClean(o), "qcow2 io failed on a script qemu-io accepts: \(o)")
             }
 
-            try await wExpectIdentical("a.qcow2", "b.qcow2", cwd: dir, context: cfg.name)
-            try await wExpectCleanCheck("b.qcow2", cwd: dir, context: cfg.name)
+            try await wExpectIdentical(a, bImage, cwd: dir, context: cfg.name)
+            try await wExpectCleanCheck(bImage, cwd: dir, context: cfg.name)
 
             // Reads of qemu's result, checked on our image by qemu-io and by our reader.
-            let expected = try await wQemuRawBytes("a.qcow2", scratch: dir + "/a.raw", cwd: dir)
+            let expected = try await wQemuRawBytes(a, scratch: dir + "/a.raw", cwd: dir)
             let checks = wReadChecks(for: expected, limit: 150)
-            let qr = try await wQemuIO("b.qcow2", checks, readOnly: true, cwd: dir)
+            let qr = try await wQemuIO(bImage, checks, readOnly: true, cwd: dir)
             #expect(wIOClean(qr), "qemu-io read -P checks on our image: \(qr)")
-            let or = try await wOurIO("b.qcow2", checks, readOnly: true, cwd: dir)
+            let or = try await wOurIO(bImage, checks, readOnly: true, cwd: dir)
             expectSane(or)
             #expect(wIOClean(or), "qcow2 io read -P checks on our image: \(or)")
 
-            try await wExpectSameMap("a.qcow2", "b.qcow2", cwd: dir, context: cfg.name)
+            try await wExpectSameMap(a, bImage, cwd: dir, context: cfg.name)
 
             // Same header state after close (dirty bit, corrupt bit, …).
-            let ia = try #require(try parseJSON(try await qemuImg(["info", "--output=json", "a.qcow2"], cwd: dir), "info") as? [String: Any])
-            let ib = try #require(try parseJSON(try await qemuImg(["info", "--output=json", "b.qcow2"], cwd: dir), "info") as? [String: Any])
+            // (The data file names differ by construction.)
+            func info(_ image: String) async throws -> [String: Any] {
+                var i = try #require(try parseJSON(try await qemuImg(["info", "--output=json", image], cwd: dir), "info") as? [String: Any])
+                if var fs = i["format-specific"] as? [String: Any], var data = fs["data"] as? [String: Any] {
+                    data["data-file"] = nil
+                    fs["data"] = data
+                    i["format-specific"] = fs
+                }
+                return i
+            }
+            let ia = try await info(a), ib = try await info(bImage)
             for key in ["dirty-flag", "format-specific", "virtual-size", "cluster-size", "backing-filename"] {
                 #expect(canonicalJSON(ia[key] ?? "absent") == canonicalJSON(ib[key] ?? "absent"),
                         "info \(key): qemu-io's \(canonicalJSON(ia[key] ?? "absent")) vs ours \(canonicalJSON(ib[key] ?? "absent"))")
