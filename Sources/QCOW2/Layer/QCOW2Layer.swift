@@ -177,8 +177,14 @@ final class QCOW2Layer: Sendable {
                     let from = Int(sliceIndex * sliceBytes)
                     slice = Array(table[from..<(from + Int(sliceBytes))])
                     memo = (sliceHost, slice)
-                } else {
+                } else if index == 0 {
+                    // The top layer's slices are reused by writes and later resolutions.
                     slice = try l2Cache.slice(layer: self, host: sliceHost, files: files)
+                    memo = (sliceHost, slice)
+                } else {
+                    // A lower layer's slice is needed once per region resolution, whose
+                    // result the chain index keeps: caching it would only evict others.
+                    slice = try files.handle(FileKey(layer: index, dataFile: false)).read(count: Int(sliceBytes), at: sliceHost)
                     memo = (sliceHost, slice)
                 }
                 let firstInSlice = sliceIndex * sliceEntries

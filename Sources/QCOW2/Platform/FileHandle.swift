@@ -218,10 +218,16 @@ enum Paths {
         return String(cString: p)
     }
 
-    /// Upper bound on simultaneously open files for this process (RLIMIT_NOFILE soft limit).
+    /// Upper bound on simultaneously open files for this process (RLIMIT_NOFILE soft limit),
+    /// after raising the soft limit to the hard limit as QEMU does at startup.
     static func openFileLimit() -> Int {
         var rl = rlimit()
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return 1024 }
+        if rl.rlim_cur < rl.rlim_max {
+            var raised = rl
+            raised.rlim_cur = rl.rlim_max
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { rl = raised }
+        }
         return Int(min(rl.rlim_cur, 1 << 20))
     }
 }
