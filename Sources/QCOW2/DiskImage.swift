@@ -68,6 +68,9 @@ public final class DiskImage: BlockDevice, Sendable {
                     invalidate: { [unowned disk] start, end in
                         // Patch cached resolutions; if that fails, forget them instead.
                         do { try disk.index.refresh(start: start, end: end) } catch { disk.index.invalidate(start: start, end: end) }
+                    },
+                    statusZero: { [unowned disk] start, end in
+                        try disk.allocationMap(offset: start, length: end - start).allSatisfy { $0.zero }
                     })
             case .raw:
                 disk.rawWriter = top

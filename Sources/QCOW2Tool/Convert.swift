@@ -56,7 +56,8 @@ struct Convert: ParsableCommand {
             converter.sparseSize = Int(sparse)
             converter.threads = workers
             converter.compress = compress
-            converter.targetMayHaveData = noCreate
+            // With a backing file, zero ranges may hide backing data and must be compared too.
+            converter.targetMayHaveData = noCreate || backing != nil
             if backing != nil, target.chainDepth > 1 {
                 converter.backing = try DiskImage.open(path: target.chain[0].fullBackingFileName ?? "", options: OpenOptions(format: backingFormat))
             }

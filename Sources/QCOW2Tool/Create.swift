@@ -39,8 +39,8 @@ struct Create: ParsableCommand {
             switch format {
             case "qcow2":
                 if !quiet {
-                    var line = "Formatting '\(path)', fmt=qcow2 cluster_size=\(o.clusterSize) extended_l2=\(o.extendedL2 ? "on" : "off")\(o.preallocation != "off" ? " preallocation=" + o.preallocation : "") compression_type=\(o.compressionType) size=\((o.size + 511) & ~511)"
-                    if o.compat != "1.1" { line += " compat=\(o.compat)" }
+                    var line = "Formatting '\(path)', fmt=qcow2 cluster_size=\(o.clusterSize) extended_l2=\(o.extendedL2 ? "on" : "off")\(o.preallocation != "off" || CreateOptionParser.explicitKeys.contains("preallocation") ? " preallocation=" + o.preallocation : "") compression_type=\(o.compressionType) size=\(o.size)"
+                    if o.compat != "1.1" || CreateOptionParser.explicitKeys.contains("compat") { line += " compat=\(o.compat)" }
                     if let b = backing { line += " backing_file=\(b)" }
                     if let f = backingFmt, backing != nil { line += " backing_fmt=\(f)" }
                     if let d = o.dataFile { line += " data_file=\(d)" }
@@ -51,7 +51,7 @@ struct Create: ParsableCommand {
                 try ImageCreator.create(path: path, options: o)
             case "raw":
                 guard backing == nil else { throw ValidationError("raw images cannot have a backing file") }
-                if !quiet { print("Formatting '\(path)', fmt=raw size=\((o.size + 511) & ~511)") }
+                if !quiet { print("Formatting '\(path)', fmt=raw size=\(o.size)") }
                 try RawImage.create(path: path, size: (o.size + 511) & ~511)
             default:
                 throw ValidationError("unknown format '\(format)' (qcow2 or raw)")
@@ -63,13 +63,18 @@ struct Create: ParsableCommand {
 
 /// Parses qemu-img's `-o key=value,...` creation options.
 enum CreateOptionParser {
+    /// Keys given explicitly in the last `parse` (qemu-img prints those even at their default).
+    nonisolated(unsafe) static var explicitKeys: Set<String> = []
+
     static func parse(_ groups: [String]) throws -> (CreateOptions, backing: String?, backingFormat: String?) {
+        explicitKeys = []
         var o = CreateOptions(size: 0)
         var backing: String?, backingFmt: String?
         for group in groups {
             for item in group.split(separator: ",") where !item.isEmpty {
                 let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
                 let (k, v) = (parts[0], parts.count > 1 ? parts[1] : "on")
+                explicitKeys.insert(k)
                 switch k {
                 case "cluster_size":
                     guard let s = parseSize(v) else { throw ValidationError("invalid cluster_size '\(v)'") }

@@ -48,8 +48,10 @@ struct IO: ParsableCommand {
             switch words[i] {
             case "-P":
                 i += 1
-                guard i < words.count, let p = parseNumber(words[i]) else { throw ValidationError("-P needs a pattern") }
-                pattern = UInt8(truncatingIfNeeded: p)
+                guard i < words.count, let p = parseNumber(words[i]), p <= 0xFF else {
+                    throw ValidationError("\(i < words.count ? words[i] : "") is not a valid pattern byte")
+                }
+                pattern = UInt8(p)
             case "-z": zero = true
             case "-u": unmap = true
             case "-c": compressed = true
@@ -80,6 +82,7 @@ struct IO: ParsableCommand {
             return ok
         case "write":
             let (off, len) = try range()
+            if unmap && !zero { throw ValidationError("-u requires -z to be specified") }
             if zero {
                 try disk.writeZeroes(at: off, length: len, unmap: unmap)
             } else {

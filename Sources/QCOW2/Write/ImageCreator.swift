@@ -158,6 +158,8 @@ public enum RawImage {
     public static func create(path: String, size: UInt64) throws {
         let f = try FileHandle(creating: path)
         try f.truncate(to: size)
+        // Like QEMU's file driver, allocate the first block (it makes alignment probing cheap).
+        if size > 0 { try f.write([UInt8](repeating: 0, count: Int(min(size, 4096))), at: 0) }
         try f.sync()
     }
 }

@@ -20,6 +20,8 @@ final class ImageWriter: @unchecked Sendable {
     let readGuest: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void
     /// Drops chain-index resolutions of a guest range after its mapping changed.
     let invalidate: (UInt64, UInt64) -> Void
+    /// True when the allocation map says the whole range reads as zeros.
+    let statusZero: (UInt64, UInt64) throws -> Bool
     let hasBacking: Bool
 
     private let lock = Lock()
@@ -42,13 +44,15 @@ final class ImageWriter: @unchecked Sendable {
 
     init(layer: QCOW2Layer, file: FileHandle, dataFile: FileHandle?, l2Cache: L2SliceCache, hasBacking: Bool,
          readGuest: @escaping (UInt64, UnsafeMutableRawBufferPointer) throws -> Void,
-         invalidate: @escaping (UInt64, UInt64) -> Void) throws {
+         invalidate: @escaping (UInt64, UInt64) -> Void,
+         statusZero: @escaping (UInt64, UInt64) throws -> Bool) throws {
         self.layer = layer
         self.file = file
         self.dataFile = dataFile
         self.l2Cache = l2Cache
         self.readGuest = readGuest
         self.invalidate = invalidate
+        self.statusZero = statusZero
         self.hasBacking = hasBacking
         var image = layer.image
         if image.header.incompatibleFeatures.contains(.dirty) {
@@ -442,144 +446,210 @@ final class ImageWriter: @unchecked Sendable {
 
     // MARK: Zeroes and discard
 
-    /// Makes `[offset, offset+length)` read as zeros. Whole clusters get the zero flag (or
-    /// zero subcluster bits); with `unmap` their host clusters are released. Partial
-    /// clusters that do not already read as zeros are written with zeros.
+    /// Makes `[offset, offset+length)` read as zeros, following QEMU's
+    /// `bdrv_co_do_pwrite_zeroes` + `qcow2_co_pwrite_zeroes` + `qcow2_subcluster_zeroize`:
+    /// the request is split at subcluster boundaries; an unaligned head or tail becomes a
+    /// whole zero (sub)cluster when the rest of it already reads as zeros, otherwise zeros
+    /// are written; aligned parts get the zero flag (v3) or zero bits (extended L2), or are
+    /// discarded (v2 without a backing file). With `unmap`, host clusters are released.
     func writeZeroes(at offset: UInt64, length: UInt64, unmap: Bool) throws {
         try lock.withLock {
             try ensureWritable()
             let end = offset + length
-            var pos = offset
-            while pos < end {
-                let clusterStart = pos & ~(cs - 1)
-                let clusterEnd = min(clusterStart + cs, virtualSize)
-                let to = min(end, clusterEnd)
-                if image.header.version >= 3 && pos == clusterStart && to == clusterEnd {
-                    try zeroCluster(clusterStart, unmap: unmap, discard: false)
-                } else if g.extendedL2 && image.header.version >= 3 {
-                    try zeroSubclusters(clusterStart, from: pos, to: to)
-                } else {
-                    try zeroPartial(from: pos, to: to)
+            let sc = g.subclusterSize
+            let alignedStart = min(end, (offset + sc - 1) / sc * sc)
+            let alignedEnd = end == virtualSize ? end : max(alignedStart, end / sc * sc)
+            if offset < alignedStart { try zeroUnaligned(offset, alignedStart, unmap: unmap) }
+            if alignedStart < alignedEnd {
+                if try !zeroize(alignedStart, alignedEnd, unmap: unmap) {
+                    try writeZeroBuffer(alignedStart, alignedEnd)
                 }
-                pos = to
             }
+            if alignedEnd < end { try zeroUnaligned(alignedEnd, end, unmap: unmap) }
             invalidate(offset, end)
             try flushIfOverBudget()
         }
     }
 
-    private func zeroPartial(from: UInt64, to: UInt64) throws {
-        let n = Int(to - from)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 4096)
-        defer { buffer.deallocate() }
-        try readGuest(from, buffer)
-        if ZeroDetection.isZero(UnsafeRawBufferPointer(buffer)) { return }
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        let clusterStart = from & ~(cs - 1)
-        try writeCluster(clusterStart, inCluster: from - clusterStart, UnsafeRawBufferPointer(buffer))
-    }
-
-    private func zeroSubclusters(_ clusterStart: UInt64, from: UInt64, to: UInt64) throws {
+    /// A piece inside one subcluster: QEMU's head/tail handling in `qcow2_co_pwrite_zeroes`.
+    private func zeroUnaligned(_ from: UInt64, _ to: UInt64, unmap: Bool) throws {
         let sc = g.subclusterSize
-        // Whole subclusters get zero bits; partial ones are written with zeros.
-        let firstFull = (from - clusterStart + sc - 1) / sc
-        let lastFull = (to - clusterStart) / sc  // exclusive
-        let alignedEnd = clusterStart + lastFull * sc
-        if firstFull >= lastFull { return try zeroPartial(from: from, to: to) }
-        if from < clusterStart + firstFull * sc { try zeroPartial(from: from, to: clusterStart + firstFull * sc) }
-        let table = try writableTable(Int(g.l1Index(clusterStart)))
-        let index = Int(g.l2Index(clusterStart))
-        let old = entry(table, index)
-        let oldKind = try kind(of: old, at: clusterStart)
-        if case .compressed = oldKind {
-            // Materialize the cluster first, then zero the subclusters.
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
-            defer { buffer.deallocate() }
-            let valid = min(cs, virtualSize - clusterStart)
-            try readGuest(clusterStart, UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(valid)]))
-            try writeCluster(clusterStart, inCluster: 0, UnsafeRawBufferPointer(rebasing: buffer[0..<Int(valid)]))
-            return try zeroSubclusters(clusterStart, from: from, to: to)
+        let subStart = from / sc * sc
+        let subEnd = min(subStart + sc, virtualSize)
+        if try readsAsZero(subStart, from) && readsAsZero(to, subEnd), try subclusterIsUnallocatedOrZero(subStart),
+           try zeroize(subStart, subEnd, unmap: unmap) {
+            return
         }
-        var mask = UInt32(0)
-        for i in firstFull..<lastFull { mask |= 1 << UInt32(i) }
-        var bitmap = old.bitmap
-        bitmap &= ~UInt64(mask)
-        bitmap |= UInt64(mask) << 32
-        var raw = old.rawValue
-        if case .normal = oldKind, !old.isCopied, dataFile == nil {
-            // A shared cluster cannot be changed in place: copy it, then retry.
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(sc), alignment: 4096)
-            defer { buffer.deallocate() }
-            try readGuest(clusterStart, buffer)
-            try writeCluster(clusterStart, inCluster: 0, UnsafeRawBufferPointer(buffer))
-            return try zeroSubclusters(clusterStart, from: from, to: to)
-        }
-        if UInt32(truncatingIfNeeded: bitmap) == 0 && UInt32(truncatingIfNeeded: bitmap >> 32) == UInt32.max, case .normal = oldKind {
-            raw = old.rawValue  // keep the reservation, like QEMU without unmap
-        }
-        setEntry(table, index, L2Entry(rawValue: raw, bitmap: bitmap))
-        if alignedEnd < to { try zeroPartial(from: alignedEnd, to: to) }
+        try writeZeroBuffer(from, to)
     }
 
-    private func zeroCluster(_ clusterStart: UInt64, unmap: Bool, discard: Bool) throws {
+    /// QEMU's `is_zero`: the block status (not the bytes) says the range reads as zeros.
+    private func readsAsZero(_ from: UInt64, _ to: UInt64) throws -> Bool {
+        guard to > from else { return true }
+        return try statusZero(from, to)
+    }
+
+    private func subclusterIsUnallocatedOrZero(_ guest: UInt64) throws -> Bool {
+        let l1i = Int(g.l1Index(guest))
+        let l1e = L1Entry(rawValue: layer.l1.withLock { l1i < $0.count ? $0[l1i] : 0 })
+        guard l1e.l2Offset != 0 else { return true }
+        try loadTable(l1e.l2Offset)
+        let e = entry(l1e.l2Offset, Int(g.l2Index(guest)))
+        let k = try kind(of: e, at: guest)
+        if g.extendedL2 {
+            switch e.subclusterType(Int((guest % cs) / g.subclusterSize), kind: k) {
+            case .unallocatedPlain, .unallocatedAllocated, .zeroPlain, .zeroAllocated: return true
+            default: return false
+            }
+        }
+        switch k {
+        case .unallocated, .zeroPlain, .zeroAllocated: return true
+        default: return false
+        }
+    }
+
+    private func writeZeroBuffer(_ from: UInt64, _ to: UInt64) throws {
+        var pos = from
+        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(to - from, 4 << 20)), alignment: 4096)
+        defer { chunk.deallocate() }
+        chunk.initializeMemory(as: UInt8.self, repeating: 0)
+        var hint: UInt64?
+        while pos < to {
+            let n = min(UInt64(chunk.count), to - pos)
+            var done: UInt64 = 0
+            while done < n {
+                let part = UnsafeRawBufferPointer(rebasing: chunk[Int(done)..<Int(n)])
+                if g.extendedL2 {
+                    let clusterStart = (pos + done) & ~(cs - 1)
+                    let m = min(UInt64(part.count), clusterStart + cs - (pos + done))
+                    try writeCluster(clusterStart, inCluster: pos + done - clusterStart, UnsafeRawBufferPointer(rebasing: part[0..<Int(m)]))
+                    done += m
+                } else {
+                    done += try writeRun(at: pos + done, part, hostHint: &hint)
+                }
+            }
+            pos += n
+        }
+    }
+
+    /// QEMU's `qcow2_subcluster_zeroize` on a subcluster-aligned range; false when the
+    /// format cannot express it (v2 with a backing file, compressed clusters with
+    /// subclusters) and zeros must be written instead.
+    private func zeroize(_ from: UInt64, _ to: UInt64, unmap: Bool) throws -> Bool {
+        if image.header.autoclearFeatures.contains(.dataFileRaw), let dataFile {
+            try writeZeros(dataFile, from: from, to: to)
+        }
+        if image.header.version < 3 {
+            guard !hasBacking, from % cs == 0 else { return false }
+            // v2 without a backing file: discard (the clusters become unallocated).
+            var pos = from
+            while pos < to {
+                try discardCluster(pos)
+                pos = min(pos + cs, to)
+            }
+            return true
+        }
+        let headEnd = min(to, (from + cs - 1) & ~(cs - 1))
+        let tailStart = to >= virtualSize ? to : max(headEnd, to & ~(cs - 1))
+        if from < headEnd, try !zeroSubclusterRange(from, headEnd) { return false }
+        var pos = headEnd
+        while pos < tailStart {
+            try zeroWholeCluster(pos, unmap: unmap)
+            pos += cs
+        }
+        if tailStart < to, try !zeroSubclusterRange(tailStart, to) { return false }
+        return true
+    }
+
+    /// QEMU's `zero_l2_subclusters`: zero bits on, allocation bits off.
+    private func zeroSubclusterRange(_ from: UInt64, _ to: UInt64) throws -> Bool {
+        guard g.extendedL2 else { return false }
+        let clusterStart = from & ~(cs - 1)
+        let table = try writableTable(Int(g.l1Index(clusterStart)))
+        let index = Int(g.l2Index(clusterStart))
+        let old = entry(table, index)
+        if case .compressed = try kind(of: old, at: clusterStart) { return false }
+        let sc = g.subclusterSize
+        let first = (from - clusterStart) / sc, last = (to - clusterStart + sc - 1) / sc
+        var mask: UInt64 = 0
+        for i in first..<last { mask |= 1 << i }
+        let bitmap = (old.bitmap | (mask << 32)) & ~mask
+        if bitmap != old.bitmap { setEntry(table, index, L2Entry(rawValue: old.rawValue, bitmap: bitmap)) }
+        return true
+    }
+
+    /// QEMU's `zero_in_l2_slice` for one cluster.
+    private func zeroWholeCluster(_ clusterStart: UInt64, unmap mayUnmap: Bool) throws {
         let table = try writableTable(Int(g.l1Index(clusterStart)))
         let index = Int(g.l2Index(clusterStart))
         let old = entry(table, index)
         let oldKind = try kind(of: old, at: clusterStart)
-        var new: L2Entry
-        var release = false
-        if discard {
-            if !hasBacking {
-                switch oldKind {
-                case .unallocated, .zeroPlain: return  // already reads as zeros
-                default: break
-                }
-            }
-            new = g.extendedL2 ? L2Entry(rawValue: 0, bitmap: 0xFFFF_FFFF_0000_0000) : L2Entry(rawValue: image.header.version >= 3 ? L2Entry.zeroFlag : 0)
-            release = true
-        } else {
-            var keepHost: UInt64?
-            if !unmap {
-                switch oldKind {
-                case let .normal(h) where old.isCopied || dataFile != nil, let .zeroAllocated(h) where old.isCopied || dataFile != nil:
-                    keepHost = h
-                default: break
-                }
-            }
-            if let h = keepHost {
-                new = g.extendedL2 ? L2Entry(rawValue: h | L2Entry.copiedFlag, bitmap: 0xFFFF_FFFF_0000_0000)
-                    : L2Entry(rawValue: h | L2Entry.copiedFlag | L2Entry.zeroFlag)
-                if image.header.autoclearFeatures.contains(.dataFileRaw), let dataFile {
-                    // The data file must stay a valid raw image: write real zeros too.
-                    let zeros = [UInt8](repeating: 0, count: Int(min(cs, virtualSize - clusterStart)))
-                    try dataFile.write(zeros, at: h)
-                }
-            } else {
-                new = g.extendedL2 ? L2Entry(rawValue: 0, bitmap: 0xFFFF_FFFF_0000_0000) : L2Entry(rawValue: L2Entry.zeroFlag)
-                release = true
-            }
+        var allocated = false
+        var compressed = false
+        switch oldKind {
+        case .normal, .zeroAllocated: allocated = true
+        case .compressed: allocated = true; compressed = true
+        default: break
         }
-        if new == old { return }
+        let unmap = compressed || (mayUnmap && allocated)
+        var new = L2Entry(rawValue: unmap ? 0 : old.rawValue, bitmap: old.bitmap)
+        if g.extendedL2 {
+            new.bitmap = 0xFFFF_FFFF_0000_0000
+        } else {
+            new.rawValue |= L2Entry.zeroFlag
+        }
+        guard new != old else { return }
         setEntry(table, index, new)
-        if release {
-            if dataFile != nil, case .normal(let h) = oldKind, discard || unmap {
-                dataFile?.punchHole(at: h, length: min(cs, virtualSize - clusterStart))
-            }
+        if unmap {
+            if let dataFile, case let .normal(h) = oldKind { dataFile.punchHole(at: h, length: min(cs, virtualSize - clusterStart)) }
             releaseOld(oldKind, punch: true)
         }
     }
 
-    /// Guest discard: whole clusters become zero clusters (v3) or unallocated (v2) and their
-    /// host clusters are released; partial clusters are left alone, as QEMU does.
+    /// QEMU's `discard_in_l2_slice` (not a full discard) for one whole cluster.
+    private func discardCluster(_ clusterStart: UInt64) throws {
+        let l1i = Int(g.l1Index(clusterStart))
+        let l1e = L1Entry(rawValue: layer.l1.withLock { l1i < $0.count ? $0[l1i] : 0 })
+        if l1e.l2Offset == 0 && !hasBacking { return }
+        let table = try writableTable(l1i)
+        let index = Int(g.l2Index(clusterStart))
+        let old = entry(table, index)
+        let oldKind = try kind(of: old, at: clusterStart)
+        var allocated = false
+        switch oldKind {
+        case .normal, .zeroAllocated, .compressed: allocated = true
+        default: break
+        }
+        var new = old
+        if hasBacking || allocated {
+            if g.extendedL2 {
+                new = L2Entry(rawValue: 0, bitmap: 0xFFFF_FFFF_0000_0000)
+            } else {
+                new = L2Entry(rawValue: image.header.version >= 3 ? L2Entry.zeroFlag : 0)
+            }
+        }
+        guard new != old else { return }
+        setEntry(table, index, new)
+        if allocated {
+            if let dataFile, case let .normal(h) = oldKind { dataFile.punchHole(at: h, length: min(cs, virtualSize - clusterStart)) }
+            releaseOld(oldKind, punch: true)
+        }
+    }
+
+    /// Guest discard (QEMU's `qcow2_co_pdiscard`): whole clusters become zero clusters (v3)
+    /// or unallocated (v2) and their host clusters are released; partial clusters are left
+    /// alone, and v2 images with a backing file ignore discards (unallocated would expose the
+    /// backing data).
     func discard(at offset: UInt64, length: UInt64) throws {
         try lock.withLock {
             try ensureWritable()
+            if image.header.version < 3 && hasBacking { return }
             let end = offset + length
             var pos = (offset + cs - 1) & ~(cs - 1)
             while pos < end {
                 let clusterEnd = min(pos + cs, virtualSize)
                 guard clusterEnd <= end else { break }
-                try zeroCluster(pos, unmap: true, discard: true)
+                try discardCluster(pos)
                 pos = clusterEnd
             }
             invalidate(offset, end)
