@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "QCOW2", targets: ["QCOW2"]),
         .library(name: "QCOW2Format", targets: ["QCOW2Format"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
         .executable(name: "qcow2", targets: ["QCOW2Tool"]),
     ],
     dependencies: [
@@ -14,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
     ],
     targets: [
         // Thin C boundaries: system zlib and libzstd, and a _GNU_SOURCE shim for the
@@ -34,17 +36,36 @@ let package = Package(
             ]
         ),
 
+        // The NBD server over any BlockDevice (SwiftNIO; disk I/O on its own thread pool).
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "QCOW2",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+
         // The `qcow2` command-line tool (thin: parsing and printing).
         .executableTarget(
             name: "QCOW2Tool",
             dependencies: [
-                "QCOW2",
+                "QCOW2", "NBDServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
 
         .testTarget(name: "QCOW2FormatTests", dependencies: ["QCOW2Format"]),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: [
+                "NBDServer", "QCOW2",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+            ]
+        ),
         .testTarget(
             name: "QCOW2Tests",
             dependencies: [
