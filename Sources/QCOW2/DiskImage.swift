@@ -170,6 +170,32 @@ public final class DiskImage: BlockDevice, Sendable {
         try writer.preallocate(mode: mode)
     }
 
+    // MARK: Internal snapshots
+
+    /// The top image's internal snapshots.
+    public func snapshots() throws -> [SnapshotTableEntry] {
+        try ImageFiles.snapshots(of: chain[0])
+    }
+
+    /// Takes an internal snapshot of the current state (qemu-img snapshot -c).
+    @discardableResult
+    public func createSnapshot(name: String) throws -> SnapshotTableEntry {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): snapshots need a writable qcow2 image") }
+        return try writer.createSnapshot(name: name)
+    }
+
+    /// Reverts to a snapshot, by ID or name (qemu-img snapshot -a). Reopen the image afterwards.
+    public func applySnapshot(_ key: String) throws {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): snapshots need a writable qcow2 image") }
+        try writer.applySnapshot(key)
+    }
+
+    /// Deletes a snapshot, by ID or name (qemu-img snapshot -d).
+    public func deleteSnapshot(_ key: String) throws {
+        guard let writer else { throw QCOW2Error.invalidArgument("\(path): snapshots need a writable qcow2 image") }
+        try writer.deleteSnapshot(key)
+    }
+
     /// Empties the top image: every cluster is discarded so the backing file shows through.
     public func makeEmpty() throws {
         guard let writer else { throw QCOW2Error.invalidArgument("\(path): a writable qcow2 image is needed") }

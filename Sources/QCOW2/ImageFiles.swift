@@ -10,11 +10,19 @@ public enum ImageFiles {
 
     /// The internal snapshot table of a qcow2 layer (empty for raw layers).
     public static func snapshots(of layer: LayerInfo) throws -> [SnapshotTableEntry] {
-        guard let h = layer.header?.header, h.nbSnapshots > 0 else { return [] }
-        let file = try FileHandle(path: layer.path, writable: false)
+        guard let image = layer.header, image.header.nbSnapshots > 0 else { return [] }
+        return try SnapshotTable.read(file: try FileHandle(path: layer.path, writable: false), image: image, path: layer.path)
+    }
+}
+
+/// Reading the internal snapshot table (format doc §8) with QEMU's limits.
+enum SnapshotTable {
+    static func read(file: FileHandle, image: ImageHeader, path: String) throws -> [SnapshotTableEntry] {
+        let h = image.header
+        guard h.nbSnapshots > 0 else { return [] }
         let size = try file.size()
         guard h.snapshotsOffset < size else {
-            throw QCOW2Error.corrupt(path: layer.path, "snapshot table offset 0x\(String(h.snapshotsOffset, radix: 16)) is beyond the end of the file")
+            throw QCOW2Error.corrupt(path: path, "snapshot table offset 0x\(String(h.snapshotsOffset, radix: 16)) is beyond the end of the file")
         }
         // The table's length is known only by parsing it; it is at most 64 MiB (QEMU's limit).
         let count = Int(min(size - h.snapshotsOffset, QCOW2Limits.maxSnapshotTableBytes))
@@ -22,7 +30,12 @@ public enum ImageFiles {
         do {
             return try SnapshotTableEntry.parseTable(bytes, count: Int(h.nbSnapshots), clusterSize: UInt64(h.clusterSize))
         } catch {
-            throw QCOW2Error.format(path: layer.path, error)
+            throw QCOW2Error.format(path: path, error)
         }
+    }
+
+    /// QEMU's `find_snapshot_by_id_or_name`: an ID match first, then a name match.
+    static func find(_ key: String, in table: [SnapshotTableEntry]) -> SnapshotTableEntry? {
+        table.first { $0.id == key } ?? table.first { $0.name == key }
     }
 }

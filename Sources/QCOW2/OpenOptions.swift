@@ -19,6 +19,9 @@ public struct OpenOptions: Sendable {
     public var indexCacheSize: Int = 32 << 20
     /// Byte budget of the cache of decompressed clusters.
     public var compressedCacheSize: Int = 4 << 20
+    /// Show this internal snapshot (ID or name) of the top image instead of its active
+    /// state; read-only (qemu-img convert -l / -s).
+    public var snapshot: String?
     /// Maximum files kept open at once (nil: a quarter of `ulimit -n`, at least 16).
     public var maxOpenFiles: Int?
 

@@ -14,6 +14,10 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("B"), help: "Backing file of the output: only the difference is written.") var outputBacking: String?
     @Option(name: .customShort("F"), help: "Format of the -B backing file.") var outputBackingFormat: String?
     @Flag(name: .customShort("n"), help: "Do not create the target; it must exist.") var noCreate = false
+    @Option(name: .customShort("l"), help: "Convert this internal snapshot of the source (ID or name, or snapshot.name=/snapshot.id=).")
+    var snapshotParam: String?
+    @Option(name: .customShort("s"), help: "Convert the internal snapshot with this ID or name (deprecated qemu-img form).")
+    var snapshotID: String?
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
     @Option(name: .customShort("S"), help: "Minimum run of zero bytes to leave sparse (default 4k; 0 disables).")
     var sparseSize: String = "4k"
@@ -32,7 +36,17 @@ struct Convert: ParsableCommand {
                 throw ValidationError("Invalid buffer size for sparse output specified: -S must be a multiple of 512")
             }
             guard (1...16).contains(workers) else { throw ValidationError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16") }
-            let sources = try sourcePaths.map { try DiskImage.open(path: $0, options: image.openOptions()) }
+            var sourceOptions = image.openOptions()
+            if let p = snapshotParam ?? snapshotID {
+                guard sourcePaths.count == 1 else { throw ValidationError("No support for concatenating multiple snapshot") }
+                var key = p
+                for part in p.split(separator: ",") {
+                    if part.hasPrefix("snapshot.name=") { key = String(part.dropFirst("snapshot.name=".count)) }
+                    if part.hasPrefix("snapshot.id=") { key = String(part.dropFirst("snapshot.id=".count)) }
+                }
+                sourceOptions.snapshot = key
+            }
+            let sources = try sourcePaths.map { try DiskImage.open(path: $0, options: sourceOptions) }
             let total = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
             var (create, extraBacking, extraFormat) = try CreateOptionParser.parse(options)
             let backing = outputBacking ?? extraBacking

@@ -21,7 +21,10 @@ final class QCOW2Layer: Sendable {
     let dataFilePath: String?
 
     var header: QCOW2Header { image.header }
-    var virtualSize: UInt64 { image.header.size }
+    /// The guest size: the header's, or the snapshot's when a snapshot is opened.
+    let virtualSize: UInt64
+    /// The internal snapshot this layer shows (read-only), if any.
+    let snapshot: SnapshotTableEntry?
 
     /// Bytes of L2 table read at a time (QEMU's default `l2-cache-entry-size` is 4 KiB).
     var sliceBytes: UInt64 { min(4096, geometry.clusterSize) }
@@ -62,18 +65,39 @@ final class QCOW2Layer: Sendable {
 
         // Active L1 table: only the entries that cover the virtual size matter for reads;
         // they must lie inside the file (this also bounds the allocation by the file size).
-        let needed = geometry.l1EntriesNeeded(forVirtualSize: h.size) ?? 0
+        var l1Offset = h.l1TableOffset, l1Size = UInt64(h.l1Size), guestSize = h.size
+        if index == 0, let wanted = options.snapshot {
+            guard !options.writable else {
+                throw QCOW2Error.invalidArgument("snapshots can only be opened read-only")
+            }
+            let table = try SnapshotTable.read(file: file, image: image, path: path)
+            guard let sn = SnapshotTable.find(wanted, in: table) else {
+                throw QCOW2Error.invalidArgument("\(path): snapshot '\(wanted)' not found")
+            }
+            l1Offset = sn.l1TableOffset
+            l1Size = UInt64(sn.l1Size)
+            guestSize = sn.diskSize ?? h.size
+            snapshot = sn
+        } else {
+            snapshot = nil
+        }
+        virtualSize = guestSize
+        guard let neededEntries = geometry.l1EntriesNeeded(forVirtualSize: guestSize), neededEntries <= QCOW2Limits.maxL1Entries else {
+            throw QCOW2Error.format(path: path, .invalidField("size", value: guestSize, reason: "virtual size too large for this cluster size"))
+        }
+        // Entries past l1_size are unallocated (a snapshot's L1 may be shorter than its size needs).
+        let needed = min(neededEntries, l1Size)
         let l1Bytes = needed * 8
         if needed > 0 {
-            guard h.l1TableOffset != 0, h.l1TableOffset <= size, l1Bytes <= size - h.l1TableOffset else {
-                throw QCOW2Error.format(path: path, .invalidField("l1_table_offset", value: h.l1TableOffset,
+            guard l1Offset != 0, l1Offset <= size, l1Bytes <= size - l1Offset else {
+                throw QCOW2Error.format(path: path, .invalidField("l1_table_offset", value: l1Offset,
                     reason: "L1 table of \(needed) entries extends past the end of the file (\(size) bytes)"))
             }
         }
         var l1 = [UInt64](repeating: 0, count: Int(needed))
         if needed > 0 {
             try l1.withUnsafeMutableBytes { (raw) in
-                try file.read(into: raw, at: h.l1TableOffset)
+                try file.read(into: raw, at: l1Offset)
             }
             for i in l1.indices { l1[i] = UInt64(bigEndian: l1[i]) }
         }

@@ -37,7 +37,7 @@ final class ImageWriter: @unchecked Sendable {
     private(set) var isReadOnly = false
 
     private var g: ClusterGeometry { layer.geometry }
-    private var cs: UInt64 { layer.geometry.clusterSize }
+    var cs: UInt64 { layer.geometry.clusterSize }
     private var virtualSize: UInt64 { layer.virtualSize }
     /// Budget of L2 tables held dirty before an automatic flush.
     private let dirtyBudget = 16 << 20
@@ -869,6 +869,98 @@ final class ImageWriter: @unchecked Sendable {
         }
     }
 
+    // MARK: Primitives for snapshot operations (SnapshotOperations.swift)
+
+    var geometry: ClusterGeometry { g }
+    var currentImage: ImageHeader { image }
+    var refcountMaximum: UInt64 { refcounts.codec.maxValue }
+    var refcountWidth: Int { refcounts.codec.bits }
+
+    func withMetadataLock<T>(_ body: () throws -> T) throws -> T { try lock.withLock { try body() } }
+    func flushMetadata() throws { try flushLocked() }
+    func syncFile() throws { try file.sync() }
+    func refcountOf(_ cluster: UInt64) throws -> UInt64 { try refcounts.refcount(ofCluster: cluster) }
+    /// Changes a refcount; a cluster whose refcount drops to zero is discarded in the file,
+    /// as QEMU does for snapshot operations (QCOW2_DISCARD_SNAPSHOT).
+    func adjustRefcount(_ cluster: UInt64, by delta: Int64) throws {
+        try refcounts.increment(cluster: cluster, by: delta)
+        if delta < 0, try refcounts.refcount(ofCluster: cluster) == 0 {
+            // A freed L2 table must not be written back by the next flush.
+            let offset = cluster * cs
+            l2Tables.remove(offset)
+            dirtyTables.remove(offset)
+            layer.dirtyL2.withLock { _ = $0.removeValue(forKey: offset) }
+            l2Cache.invalidate(layer: layer.index, table: offset, tableSize: cs)
+            file.punchHole(at: offset, length: cs)
+        }
+    }
+    func allocateClusters(bytes: UInt64) throws -> UInt64 {
+        let offset = try refcounts.allocate(clusters: (bytes + cs - 1) / cs)
+        bumpFileEnd(offset + bytes)
+        return offset
+    }
+    /// Drops references at once (the caller made the unlink durable already).
+    func releaseNow(offset: UInt64, length: UInt64) throws {
+        guard length > 0 else { return }
+        for c in (offset / cs)...((offset + length - 1) / cs) { try adjustRefcount(c, by: -1) }
+    }
+    func loadTableForSnapshot(_ offset: UInt64) throws { try loadTable(offset) }
+    func tableEntry(_ table: UInt64, _ index: Int) -> L2Entry { entry(table, index) }
+    func setTableEntry(_ table: UInt64, _ index: Int, _ e: L2Entry) { setEntry(table, index, e) }
+    func invalidateAll() { invalidate(0, max(layer.virtualSize, image.header.size)) }
+
+    func ensureWritableForSnapshots() throws {
+        try ensureWritable()
+        guard dataFile == nil else {
+            throw QCOW2Error.unsupported(path: layer.path, "internal snapshots are not possible with an external data file")
+        }
+    }
+
+    /// Replaces the in-memory active L1 entries (after they were written to disk).
+    func setActiveL1(_ l1: [UInt64]) {
+        layer.l1.withLock { mem in
+            for i in 0..<min(mem.count, l1.count) { mem[i] = l1[i] }
+        }
+        for e in l1 where L1Entry(rawValue: e).l2Offset != 0 { l2Tables.insert(L1Entry(rawValue: e).l2Offset) }
+    }
+
+    func setSnapshotFields(count: UInt32, offset: UInt64) {
+        image.header.nbSnapshots = count
+        image.header.snapshotsOffset = offset
+    }
+
+    func setVirtualSizeField(_ size: UInt64) throws {
+        image.header.size = size
+        try writeHeaderField(at: 24, size)
+        try file.sync()
+    }
+
+    /// QEMU's `qcow2_grow_l1_table` (exact size): a new, larger copy of the active L1,
+    /// synced, then the 12-byte header switch, then the old table is freed.
+    func growActiveL1(to needed32: UInt32) throws {
+        let needed = UInt64(needed32)
+        let l1 = layer.l1.withLock { $0 }
+        let oldOffset = image.header.l1TableOffset, oldSize = UInt64(image.header.l1Size)
+        let clusters = (needed * 8 + cs - 1) / cs
+        let newOffset = try refcounts.allocate(clusters: clusters)
+        var bytes = [UInt8](repeating: 0, count: Int(needed * 8))
+        // Entries past the ones this layer loaded (l1_size may exceed what the old size needed).
+        let existing = try file.read(count: Int(oldSize * 8), at: oldOffset)
+        bytes.replaceSubrange(0..<existing.count, with: existing)
+        for (i, e) in l1.enumerated() { bytes.putBE(e, at: i * 8) }
+        try file.write(bytes, at: newOffset)
+        bumpFileEnd(newOffset + needed * 8)
+        try file.sync()
+        var pair: [UInt8] = []
+        pair.appendBE(UInt32(needed))
+        pair.appendBE(newOffset)
+        try file.write(pair, at: 36)
+        try file.sync()
+        image.header.l1Size = UInt32(needed)
+        image.header.l1TableOffset = newOffset
+        if oldSize > 0 { try refcounts.release(offset: oldOffset, length: oldSize * 8) }
+    }
+
     // MARK: Preallocation
 
     /// Preallocates the whole virtual disk of a freshly created image, as QEMU's
@@ -1013,26 +1105,7 @@ final class ImageWriter: @unchecked Sendable {
                 }
                 try flushLocked()
             } else if needed > UInt64(image.header.l1Size) {
-                let l1 = layer.l1.withLock { $0 }
-                let oldOffset = image.header.l1TableOffset, oldSize = UInt64(image.header.l1Size)
-                let clusters = (needed * 8 + cs - 1) / cs
-                let newOffset = try refcounts.allocate(clusters: clusters)
-                var bytes = [UInt8](repeating: 0, count: Int(needed * 8))
-                // Entries past the ones this layer loaded (l1_size may exceed what the old size needed).
-                let existing = try file.read(count: Int(oldSize * 8), at: oldOffset)
-                bytes.replaceSubrange(0..<existing.count, with: existing)
-                for (i, e) in l1.enumerated() { bytes.putBE(e, at: i * 8) }
-                try file.write(bytes, at: newOffset)
-                bumpFileEnd(newOffset + needed * 8)
-                try file.sync()
-                var pair: [UInt8] = []
-                pair.appendBE(UInt32(needed))
-                pair.appendBE(newOffset)
-                try file.write(pair, at: 36)
-                try file.sync()
-                image.header.l1Size = UInt32(needed)
-                image.header.l1TableOffset = newOffset
-                if oldSize > 0 { try refcounts.release(offset: oldOffset, length: oldSize * 8) }
+                try growActiveL1(to: UInt32(needed))
             }
             image.header.size = newSize
             try writeHeaderField(at: 24, newSize)
