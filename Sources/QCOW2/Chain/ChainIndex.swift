@@ -49,9 +49,11 @@ final class ChainIndex: Sendable {
         self.files = files
         self.l2Cache = l2Cache
         virtualSize = layers.first?.virtualSize ?? 0
-        // Region = one L2 slice of the top layer (bounded to [64 KiB, 1 GiB]).
-        var coverage: UInt64 = 32 << 20
-        if case let .qcow2(top)? = layers.first { coverage = top.sliceCoverage }
+        // Region = what one L2 table of the top layer maps (512 MiB with 64 KiB clusters),
+        // bounded to [64 KiB, 1 GiB]: each lower layer then reads the entries of a region
+        // with one pread, and a whole-disk scan needs few resolutions.
+        var coverage: UInt64 = 512 << 20
+        if case let .qcow2(top)? = layers.first { coverage = top.geometry.l2Coverage }
         coverage = min(max(coverage, 64 << 10), 1 << 30)
         regionBits = UInt32(63 - coverage.leadingZeroBitCount)
         cache = Mutex(LRUCache(budget: budget))

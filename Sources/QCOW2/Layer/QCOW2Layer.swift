@@ -157,19 +157,56 @@ final class QCOW2Layer: Sendable {
         }
     }
 
-    /// Appends the pieces of each range (sorted, inside the virtual size) to `out`.
-    ///
-    /// The chain index calls this once per layer per region with every range still
-    /// unresolved, so the L2 slice is fetched once and reused across the ranges.
-    func map(ranges: [Range<UInt64>], files: OpenFileCache, l2Cache: L2SliceCache, into out: inout [LayerPiece]) throws {
-        var memo: (host: UInt64, bytes: [UInt8])?
-        for r in ranges {
-            try map(start: r.lowerBound, end: r.upperBound, files: files, l2Cache: l2Cache, memo: &memo, into: &out)
+    /// A run of L2 entries held in memory: entries `first..<first+count` of the table at `table`.
+    struct EntryRun {
+        var table: UInt64 = 0
+        var first: UInt64 = 0
+        var count: UInt64 = 0
+        var bytes: [UInt8] = []
+
+        func covers(_ table: UInt64, _ index: UInt64) -> Bool {
+            self.table == table && index >= first && index < first + count
         }
     }
 
-    private func map(start: UInt64, end: UInt64, files: OpenFileCache, l2Cache: L2SliceCache,
-                     memo: inout (host: UInt64, bytes: [UInt8])?, into out: inout [LayerPiece]) throws {
+    /// Appends the pieces of each range (sorted, inside the virtual size) to `out`.
+    ///
+    /// The chain index calls this once per layer per region with every range still
+    /// unresolved. A lower layer reads the L2 entries spanning all the ranges with one
+    /// `pread` (they are needed once: the chain index keeps the result); the top layer
+    /// reads 4 KiB slices through the shared L2 cache, since writes reuse them.
+    func map(ranges: [Range<UInt64>], files: OpenFileCache, l2Cache: L2SliceCache, into out: inout [LayerPiece]) throws {
+        guard let spanEnd = ranges.last?.upperBound else { return }
+        var run = EntryRun()
+        var l1Index = UInt64.max, l1Raw: UInt64 = 0
+        for r in ranges {
+            try map(start: r.lowerBound, end: r.upperBound, spanEnd: spanEnd, files: files, l2Cache: l2Cache,
+                    run: &run, l1Index: &l1Index, l1Raw: &l1Raw, into: &out)
+        }
+    }
+
+    /// Loads the L2 entries around `index` of the table at `l2Offset`: the whole table when
+    /// it is dirty in memory, a cached 4 KiB slice for the top layer, else entries `index`
+    /// through `lastNeeded` with one read.
+    private func loadRun(table l2Offset: UInt64, index: UInt64, lastNeeded: UInt64, files: OpenFileCache,
+                         l2Cache: L2SliceCache, into run: inout EntryRun) throws {
+        let g = geometry
+        if let table = dirtyL2.withLock({ $0[l2Offset] }) {
+            run = EntryRun(table: l2Offset, first: 0, count: g.l2Entries, bytes: table)
+        } else if self.index == 0 {
+            let sliceIndex = index / sliceEntries
+            let bytes = try l2Cache.slice(layer: self, host: l2Offset + sliceIndex * sliceBytes, files: files)
+            run = EntryRun(table: l2Offset, first: sliceIndex * sliceEntries, count: sliceEntries, bytes: bytes)
+        } else {
+            let count = min(g.l2Entries - index, max(1, lastNeeded + 1 - index))
+            let bytes = try files.handle(FileKey(layer: self.index, dataFile: false))
+                .read(count: Int(count * g.l2EntrySize), at: l2Offset + index * g.l2EntrySize)
+            run = EntryRun(table: l2Offset, first: index, count: count, bytes: bytes)
+        }
+    }
+
+    private func map(start: UInt64, end: UInt64, spanEnd: UInt64, files: OpenFileCache, l2Cache: L2SliceCache,
+                     run: inout EntryRun, l1Index: inout UInt64, l1Raw: inout UInt64, into out: inout [LayerPiece]) throws {
         let g = geometry
         let cs = g.clusterSize
         var pos = start
@@ -177,8 +214,11 @@ final class QCOW2Layer: Sendable {
             let l1i = g.l1Index(pos)
             let l2Start = l1i << UInt64(g.clusterBits + g.l2EntriesBits)
             let l2End = min(end, l2Start &+ g.l2Coverage)
-            let l1e = L1Entry(rawValue: l1.withLock { l1i < UInt64($0.count) ? $0[Int(l1i)] : 0 })
-            let l2Offset = l1e.l2Offset
+            if l1i != l1Index {
+                l1Index = l1i
+                l1Raw = l1.withLock { l1i < UInt64($0.count) ? $0[Int(l1i)] : 0 }
+            }
+            let l2Offset = L1Entry(rawValue: l1Raw).l2Offset
             if l2Offset == 0 {
                 LayerPiece.append(LayerPiece(start: pos, length: l2End - pos, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false), to: &out)
                 pos = l2End
@@ -192,30 +232,31 @@ final class QCOW2Layer: Sendable {
             }
             while pos < l2End {
                 let l2i = g.l2Index(pos)
-                let sliceIndex = l2i / sliceEntries
-                let sliceHost = l2Offset + sliceIndex * sliceBytes
-                let slice: [UInt8]
-                if let m = memo, m.host == sliceHost {
-                    slice = m.bytes
-                } else if let table = dirtyL2.withLock({ $0[l2Offset] }) {
-                    let from = Int(sliceIndex * sliceBytes)
-                    slice = Array(table[from..<(from + Int(sliceBytes))])
-                    memo = (sliceHost, slice)
-                } else if index == 0 {
-                    // The top layer's slices are reused by writes and later resolutions.
-                    slice = try l2Cache.slice(layer: self, host: sliceHost, files: files)
-                    memo = (sliceHost, slice)
-                } else {
-                    // A lower layer's slice is needed once per region resolution, whose
-                    // result the chain index keeps: caching it would only evict others.
-                    slice = try files.handle(FileKey(layer: index, dataFile: false)).read(count: Int(sliceBytes), at: sliceHost)
-                    memo = (sliceHost, slice)
+                if !run.covers(l2Offset, l2i) {
+                    let lastNeeded = max(l2i, (min(spanEnd, l2Start + g.l2Coverage) - 1 - l2Start) / cs)
+                    try loadRun(table: l2Offset, index: l2i, lastNeeded: lastNeeded, files: files, l2Cache: l2Cache, into: &run)
                 }
-                let firstInSlice = sliceIndex * sliceEntries
-                let sliceGuestEnd = min(l2End, l2Start + (firstInSlice + sliceEntries) * cs)
-                try slice.withUnsafeBytes { (raw) in
-                    while pos < sliceGuestEnd {
-                        let i = Int(g.l2Index(pos) - firstInSlice)
+                let runGuestEnd = min(l2End, l2Start + (run.first + run.count) * cs)
+                let first = run.first
+                try run.bytes.withUnsafeBytes { (raw) in
+                    while pos < runGuestEnd {
+                        let i = Int(g.l2Index(pos) - first)
+                        // Fast path for the common case in deep, sparse chains: a run of
+                        // all-zero (unallocated) entries becomes one piece without decoding.
+                        if !g.extendedL2 && raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) == 0 {
+                            var j = i + 1
+                            let last = Int((runGuestEnd - 1 - l2Start) / cs - first)
+                            while j <= last && raw.loadUnaligned(fromByteOffset: j * 8, as: UInt64.self) == 0 { j += 1 }
+                            let zeroEnd = min(runGuestEnd, l2Start + (first + UInt64(j)) * cs)
+                            if var lastPiece = out.last, lastPiece.kind == .unallocated, !lastPiece.hasHost, lastPiece.end == pos {
+                                lastPiece.length = zeroEnd - lastPiece.start
+                                out[out.count - 1] = lastPiece
+                            } else {
+                                out.append(LayerPiece(start: pos, length: zeroEnd - pos, kind: .unallocated, host: LayerPiece.noHost, inDataFile: false))
+                            }
+                            pos = zeroEnd
+                            continue
+                        }
                         let entry: L2Entry
                         if g.extendedL2 {
                             entry = L2Entry(rawValue: loadBE64(raw, i * 16), bitmap: loadBE64(raw, i * 16 + 8))
@@ -223,7 +264,7 @@ final class QCOW2Layer: Sendable {
                             entry = L2Entry(rawValue: loadBE64(raw, i * 8))
                         }
                         let clusterStart = pos & ~(cs - 1)
-                        let clusterEnd = min(sliceGuestEnd, clusterStart + cs)
+                        let clusterEnd = min(runGuestEnd, clusterStart + cs)
                         try appendCluster(entry, clusterStart: clusterStart, from: pos, to: clusterEnd, into: &out)
                         pos = clusterEnd
                     }

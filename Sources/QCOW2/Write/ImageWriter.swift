@@ -25,6 +25,9 @@ final class ImageWriter: @unchecked Sendable {
     let hasBacking: Bool
 
     private let lock = Lock()
+    /// In-place data writes running outside `lock`; drained before anything that could
+    /// free or share their clusters (flush's frees, snapshots, resize).
+    private let inFlight = InFlightCounter()
     private var image: ImageHeader
     private var refcounts: RefcountManager
     private var dirtyL1: Set<Int> = []
@@ -238,6 +241,17 @@ final class ImageWriter: @unchecked Sendable {
     // MARK: Guest writes
 
     func write(at offset: UInt64, _ data: UnsafeRawBufferPointer) throws {
+        // Fast path: the whole request lies in one cluster this layer owns. Look it up under
+        // the lock, write the data outside it (data I/O is not serialized).
+        if let host = try lock.withLock({ () throws -> UInt64? in
+            guard let host = try ownedHost(for: offset, count: UInt64(data.count)) else { return nil }
+            inFlight.enter()
+            return host
+        }) {
+            defer { inFlight.leave() }
+            try writeData(data, at: host)
+            return
+        }
         try lock.withLock {
             try ensureWritable()
             var pos = offset
@@ -257,6 +271,27 @@ final class ImageWriter: @unchecked Sendable {
             invalidate(offset, end)
             try flushIfOverBudget()
         }
+    }
+
+    /// The host offset for an in-place write of `[offset, offset+count)` when it lies in
+    /// one standard cluster that this layer owns (copied flag set), else nil.
+    private func ownedHost(for offset: UInt64, count: UInt64) throws -> UInt64? {
+        guard !isReadOnly, !g.extendedL2, count > 0, !setDirtyBitPending else { return nil }
+        let clusterStart = offset & ~(cs - 1)
+        guard offset + count <= clusterStart + cs else { return nil }
+        let l1i = Int(g.l1Index(clusterStart))
+        let l1e = L1Entry(rawValue: layer.l1.withLock { l1i < $0.count ? $0[l1i] : 0 })
+        guard l1e.l2Offset != 0, l1e.isCopied else { return nil }
+        try loadTable(l1e.l2Offset)
+        let e = entry(l1e.l2Offset, Int(g.l2Index(clusterStart)))
+        guard case let .normal(host) = try kind(of: e, at: clusterStart), e.isCopied || dataFile != nil else { return nil }
+        if dataFile == nil && isMetadata(host) { return nil }  // the slow path marks the image corrupt
+        return host + (offset - clusterStart)
+    }
+
+    /// True until lazy refcounts have set the dirty bit (the slow path does that first).
+    private var setDirtyBitPending: Bool {
+        image.header.compatibleFeatures.contains(.lazyRefcounts) && !setDirtyBit && image.header.version >= 3
     }
 
     /// Standard L2 entries: writes as much of `data` (starting at guest `offset`) as one L2
@@ -876,7 +911,12 @@ final class ImageWriter: @unchecked Sendable {
     var refcountMaximum: UInt64 { refcounts.codec.maxValue }
     var refcountWidth: Int { refcounts.codec.bits }
 
-    func withMetadataLock<T>(_ body: () throws -> T) throws -> T { try lock.withLock { try body() } }
+    func withMetadataLock<T>(_ body: () throws -> T) throws -> T {
+        try lock.withLock {
+            inFlight.drain()
+            return try body()
+        }
+    }
     func flushMetadata() throws { try flushLocked() }
     func syncFile() throws { try file.sync() }
     func refcountOf(_ cluster: UInt64) throws -> UInt64 { try refcounts.refcount(ofCluster: cluster) }
@@ -1153,7 +1193,9 @@ final class ImageWriter: @unchecked Sendable {
         dirtyL1.removeAll()
         for t in tables { l2Cache.invalidate(layer: layer.index, table: t, tableSize: cs) }
         layer.dirtyL2.withLock { $0.removeAll() }
-        // 4. Only now that nothing points at them, release unlinked clusters.
+        // 4. Only now that nothing points at them, release unlinked clusters (after
+        // in-place writes that may still target them have finished).
+        inFlight.drain()
         let frees = pendingFrees
         pendingFrees.removeAll()
         for (offset, length, punch) in frees {
