@@ -23,6 +23,11 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .target(name: "CQCOW2System", cSettings: [.define("_GNU_SOURCE")]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+
+        // Disk encryption primitives: LUKS1 header and key slots, AES-XTS/CBC with
+        // plain/plain64/ESSIV IVs, PBKDF2, the AF splitter; legacy qcow AES. No qcow2 I/O.
+        .target(name: "QCOW2Crypto", dependencies: ["COpenSSL"]),
 
         // Pure, I/O-free on-disk structures: parse with validation, serialize.
         .target(name: "QCOW2Format"),
@@ -57,6 +62,10 @@ let package = Package(
         ),
 
         .testTarget(name: "QCOW2FormatTests", dependencies: ["QCOW2Format"]),
+        .testTarget(
+            name: "QCOW2CryptoTests",
+            dependencies: ["QCOW2Crypto", .product(name: "Subprocess", package: "swift-subprocess")]
+        ),
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
