@@ -25,6 +25,7 @@ public final class DiskImage: BlockDevice, Sendable {
     /// Set once by `open` for writable images, never changed afterwards.
     nonisolated(unsafe) private var writer: ImageWriter?
     nonisolated(unsafe) private var rawWriter: FileHandle?
+    nonisolated(unsafe) private var durableRaw = true
 
     private struct CompressedKey: Hashable { var layer: Int32; var host: UInt64 }
     /// Per layer: data clusters that are holes in the file report as zero (see
@@ -75,6 +76,8 @@ public final class DiskImage: BlockDevice, Sendable {
             case .raw:
                 disk.rawWriter = top
             }
+            disk.writer?.durable = options.durableFlush
+            disk.durableRaw = options.durableFlush
         }
         return disk
     }
@@ -204,12 +207,12 @@ public final class DiskImage: BlockDevice, Sendable {
 
     /// Makes every completed write durable.
     public func flush() throws {
-        if let writer { try writer.flush() } else { try rawWriter?.sync() }
+        if let writer { try writer.flush() } else if durableRaw { try rawWriter?.sync() }
     }
 
     /// Flushes and finishes writing (clears the dirty bit set for lazy refcounts).
     public func closeWriting() throws {
-        if let writer { try writer.close() } else { try rawWriter?.sync() }
+        if let writer { try writer.close() } else if durableRaw { try rawWriter?.sync() }
     }
 
     /// Number of layers (1 for an image without a backing file).

@@ -22,6 +22,9 @@ public struct OpenOptions: Sendable {
     /// Show this internal snapshot (ID or name) of the top image instead of its active
     /// state; read-only (qemu-img convert -l / -s).
     public var snapshot: String?
+    /// `flush` makes writes durable (fdatasync). False is QEMU's `cache=unsafe`: metadata
+    /// is still written in order, but nothing is synced (what qemu-img convert does by default).
+    public var durableFlush: Bool = true
     /// Maximum files kept open at once (nil: a quarter of `ulimit -n`, at least 16).
     public var maxOpenFiles: Int?
 

@@ -19,6 +19,8 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("s"), help: "Convert the internal snapshot with this ID or name (deprecated qemu-img form).")
     var snapshotID: String?
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Option(name: .customShort("t"), help: "Cache mode of the output: unsafe (default, like qemu-img: no sync), writeback, none, directsync, writethrough (sync at the end).")
+    var cacheMode: String = "unsafe"
     @Option(name: .customShort("S"), help: "Minimum run of zero bytes to leave sparse (default 4k; 0 disables).")
     var sparseSize: String = "4k"
     @Option(name: .customShort("m"), help: "Parallel workers (default 4).") var workers: Int = 4
@@ -63,7 +65,11 @@ struct Convert: ParsableCommand {
                     try RawImage.create(path: destination, size: total)
                 }
             }
+            guard ["unsafe", "writeback", "none", "directsync", "writethrough"].contains(cacheMode) else {
+                throw ValidationError("Invalid cache option: \(cacheMode)")
+            }
             var openOptions = OpenOptions(format: outputFormat, writable: true)
+            openOptions.durableFlush = cacheMode != "unsafe"
             openOptions.followBackingFiles = true
             let target = try DiskImage.open(path: destination, options: openOptions)
             var converter = ImageConverter()

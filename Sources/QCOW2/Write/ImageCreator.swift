@@ -127,6 +127,7 @@ public enum ImageCreator {
             try file.write([UInt8](repeating: 0, count: Int(l1Bytes)), at: l1Offset)
             image.header.l1TableOffset = l1Offset
         }
+        try refcounts.writeDirtyBlocks()
         image.header.l1Size = UInt32(l1Entries)
         image.header.refcountTableOffset = refcounts.tableOffset
         image.header.refcountTableClusters = refcounts.tableClusters

@@ -81,7 +81,7 @@ final class ImageWriter: @unchecked Sendable {
         if image.header.autoclearFeatures.rawValue & ~keep.rawValue != 0 {
             image.header.autoclearFeatures = AutoclearFeatures(rawValue: image.header.autoclearFeatures.rawValue & keep.rawValue)
             try writeHeaderField(at: 88, image.header.autoclearFeatures.rawValue)
-            try file.sync()
+            try syncWithRefcounts()
         }
     }
 
@@ -98,6 +98,17 @@ final class ImageWriter: @unchecked Sendable {
         try Self.refcountManager(file: file, header: header)
     }
 
+    /// A write barrier: changed refcount blocks are written, then everything is synced.
+    /// Every sync of the writer goes through here, so a reference written after a sync
+    /// never precedes its refcount on disk.
+    func syncWithRefcounts() throws {
+        try refcounts.writeDirtyBlocks()
+        if durable { try file.sync() }
+    }
+
+    /// False for `cache=unsafe` (see `OpenOptions.durableFlush`).
+    var durable = true
+
     private func writeHeaderField(at offset: UInt64, _ value: UInt64) throws {
         var b: [UInt8] = []
         b.appendBE(value)
@@ -112,7 +123,7 @@ final class ImageWriter: @unchecked Sendable {
             // Lazy refcounts: mark the image dirty before the first change (cleared on close).
             image.header.incompatibleFeatures.insert(.dirty)
             try writeHeaderField(at: 72, image.header.incompatibleFeatures.rawValue)
-            try file.sync()
+            try syncWithRefcounts()
             setDirtyBit = true
         }
     }
@@ -756,7 +767,7 @@ final class ImageWriter: @unchecked Sendable {
         }
         bytes.append(contentsOf: [UInt8](repeating: 0, count: Int(cs) - bytes.count))
         try file.write(bytes, at: 0)
-        try file.sync()
+        try syncWithRefcounts()
         image = img
     }
 
@@ -918,7 +929,7 @@ final class ImageWriter: @unchecked Sendable {
         }
     }
     func flushMetadata() throws { try flushLocked() }
-    func syncFile() throws { try file.sync() }
+    func syncFile() throws { try syncWithRefcounts() }
     func refcountOf(_ cluster: UInt64) throws -> UInt64 { try refcounts.refcount(ofCluster: cluster) }
     /// Changes a refcount; a cluster whose refcount drops to zero is discarded in the file,
     /// as QEMU does for snapshot operations (QCOW2_DISCARD_SNAPSHOT).
@@ -972,7 +983,7 @@ final class ImageWriter: @unchecked Sendable {
     func setVirtualSizeField(_ size: UInt64) throws {
         image.header.size = size
         try writeHeaderField(at: 24, size)
-        try file.sync()
+        try syncWithRefcounts()
     }
 
     /// QEMU's `qcow2_grow_l1_table` (exact size): a new, larger copy of the active L1,
@@ -990,12 +1001,12 @@ final class ImageWriter: @unchecked Sendable {
         for (i, e) in l1.enumerated() { bytes.putBE(e, at: i * 8) }
         try file.write(bytes, at: newOffset)
         bumpFileEnd(newOffset + needed * 8)
-        try file.sync()
+        try syncWithRefcounts()
         var pair: [UInt8] = []
         pair.appendBE(UInt32(needed))
         pair.appendBE(newOffset)
         try file.write(pair, at: 36)
-        try file.sync()
+        try syncWithRefcounts()
         image.header.l1Size = UInt32(needed)
         image.header.l1TableOffset = newOffset
         if oldSize > 0 { try refcounts.release(offset: oldOffset, length: oldSize * 8) }
@@ -1150,7 +1161,7 @@ final class ImageWriter: @unchecked Sendable {
             image.header.size = newSize
             try writeHeaderField(at: 24, newSize)
             try dataFile?.truncate(to: newSize)
-            try file.sync()
+            try syncWithRefcounts()
             if newSize < old {
                 let end = try refcounts.lastUsedCluster(below: (try file.size() + cs - 1) / cs)
                 try file.truncate(to: (end + 1) * cs)
@@ -1171,8 +1182,8 @@ final class ImageWriter: @unchecked Sendable {
 
     private func flushLocked() throws {
         // 1. Data and refcount increases.
-        try dataFile?.sync()
-        try file.sync()
+        if durable { try dataFile?.sync() }
+        try syncWithRefcounts()
         guard !dirtyTables.isEmpty || !dirtyL1.isEmpty || !pendingFrees.isEmpty else { return }
         // 2. L2 tables, then 3. the L1 entries that point at them.
         let tables = dirtyTables
@@ -1181,14 +1192,14 @@ final class ImageWriter: @unchecked Sendable {
             try file.write(bytes, at: t)
         }
         if !dirtyL1.isEmpty {
-            try file.sync()
+            try syncWithRefcounts()
             let l1 = layer.l1.withLock { $0 }
             for i in dirtyL1.sorted() {
                 var be = l1[i].bigEndian
                 try withUnsafeBytes(of: &be) { try file.write($0, at: image.header.l1TableOffset + UInt64(i) * 8) }
             }
         }
-        try file.sync()
+        try syncWithRefcounts()
         dirtyTables.removeAll()
         dirtyL1.removeAll()
         for t in tables { l2Cache.invalidate(layer: layer.index, table: t, tableSize: cs) }
@@ -1209,7 +1220,7 @@ final class ImageWriter: @unchecked Sendable {
                 if try refcounts.refcount(ofCluster: c) == 0 { l2Tables.remove(c * cs) }
             }
         }
-        if !frees.isEmpty { try file.sync() }
+        if !frees.isEmpty { try syncWithRefcounts() }
     }
 
     /// Flushes and, if this writer set the dirty bit (lazy refcounts), clears it.
@@ -1219,7 +1230,7 @@ final class ImageWriter: @unchecked Sendable {
             if setDirtyBit {
                 image.header.incompatibleFeatures.remove(.dirty)
                 try writeHeaderField(at: 72, image.header.incompatibleFeatures.rawValue)
-                try file.sync()
+                try syncWithRefcounts()
                 setDirtyBit = false
             }
         }

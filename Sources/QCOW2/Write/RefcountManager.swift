@@ -60,31 +60,47 @@ final class RefcountManager {
     // MARK: Reading refcounts
 
     private func block(at offset: UInt64) throws -> [UInt8] {
-        if let b = blocks[offset] { return b }
-        if blocks.count * Int(clusterSize) >= blockBudget { blocks.removeAll(keepingCapacity: true) }
-        let b = try file.read(count: Int(clusterSize), at: offset)
-        blocks[offset] = b
-        return b
+        try loadBlock(offset)
+        return blocks[offset] ?? []
+    }
+
+    /// Makes sure a block is in the cache (writing dirty blocks out before evicting).
+    private func loadBlock(_ offset: UInt64) throws {
+        if blocks[offset] != nil { return }
+        if blocks.count * Int(clusterSize) >= blockBudget {
+            try writeDirtyBlocks()
+            blocks.removeAll(keepingCapacity: true)
+        }
+        blocks[offset] = try file.read(count: Int(clusterSize), at: offset)
     }
 
     func refcount(ofCluster c: UInt64) throws -> UInt64 {
         let r = c / entriesPerBlock
         guard r < UInt64(table.count), table[Int(r)] != 0 else { return 0 }
-        let b = try block(at: table[Int(r)])
-        return b.withUnsafeBytes { codec.get($0, Int(c % entriesPerBlock)) }
+        let offset = table[Int(r)]
+        try loadBlock(offset)
+        return blocks[offset]?.withUnsafeBytes { codec.get($0, Int(c % entriesPerBlock)) } ?? 0
     }
 
-    /// Writes one refcount entry of a loaded block through to the file.
+    /// Changes one refcount entry in the cached block (write-back: `writeDirtyBlocks`
+    /// puts it on disk; callers do so before anything that depends on it is written).
     private func store(_ value: UInt64, cluster c: UInt64, blockOffset: UInt64) throws {
-        var b = try block(at: blockOffset)
+        try loadBlock(blockOffset)
         let index = Int(c % entriesPerBlock)
-        b.withUnsafeMutableBytes { codec.set($0, index, value) }
-        blocks[blockOffset] = b
-        let byteStart = index * codec.bits / 8
-        let byteCount = max(1, codec.bits / 8)
-        try b.withUnsafeBytes { raw in
-            try file.write(UnsafeRawBufferPointer(rebasing: raw[byteStart..<(byteStart + byteCount)]), at: blockOffset + UInt64(byteStart))
+        blocks[blockOffset]?.withUnsafeMutableBytes { codec.set($0, index, value) }
+        dirtyBlocks.insert(blockOffset)
+    }
+
+    /// Blocks changed in memory and not yet written.
+    private var dirtyBlocks: Set<UInt64> = []
+    var hasDirtyBlocks: Bool { !dirtyBlocks.isEmpty }
+
+    /// Writes every changed refcount block (not synced: the caller syncs).
+    func writeDirtyBlocks() throws {
+        for offset in dirtyBlocks.sorted() {
+            if let b = blocks[offset] { try file.write(b, at: offset) }
         }
+        dirtyBlocks.removeAll()
     }
 
     // MARK: QEMU's allocation algorithm
@@ -169,6 +185,9 @@ final class RefcountManager {
         blocks[newOffset] = b
         blockOffsets.insert(newOffset)
         if r < UInt64(table.count) {
+            // The new block's own refcount (possibly in another block) must be on disk
+            // before the table points at it.
+            try writeDirtyBlocks()
             try file.sync()
             var be = newOffset.bigEndian
             try withUnsafeBytes(of: &be) { try file.write($0, at: tableOffset + r * 8) }
@@ -244,8 +263,10 @@ final class RefcountManager {
             }
             try file.write(b, at: newTable[i])
             blocks[newTable[i]] = b
+            dirtyBlocks.remove(newTable[i])
             blockOffsets.insert(newTable[i])
         }
+        try writeDirtyBlocks()
         try file.sync()
         var tableBytes = [UInt8]()
         tableBytes.reserveCapacity(newTable.count * 8)
