@@ -66,6 +66,7 @@ public final class FileHandle: @unchecked Sendable {
         guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else {
             throw QCOW2Error.io(path: path, operation: "read at offset \(offset)", errno: EINVAL)
         }
+        if let code = IOHooks.fault("read") { throw QCOW2Error.io(path: path, operation: "read at offset \(offset)", errno: code) }
         var done = 0
         while done < buffer.count {
             let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -91,6 +92,10 @@ public final class FileHandle: @unchecked Sendable {
     /// Writes all of `buffer` at `offset`.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        if IOHooks.enabled {
+            if let code = IOHooks.fault("write") { throw QCOW2Error.io(path: path, operation: "write at offset \(offset)", errno: code) }
+            IOHooks.logWrite(path: path, offset: offset, buffer)
+        }
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -108,12 +113,14 @@ public final class FileHandle: @unchecked Sendable {
 
     /// Makes written data durable (fdatasync).
     public func sync() throws {
+        if let code = IOHooks.fault("sync") { throw QCOW2Error.io(path: path, operation: "fdatasync", errno: code) }
         #if os(Linux)
         let rc = fdatasync(fd)
         #else
         let rc = fsync(fd)
         #endif
         guard rc == 0 else { throw QCOW2Error.io(path: path, operation: "fdatasync", errno: errno) }
+        IOHooks.logSync(path: path)
     }
 
     public func truncate(to length: UInt64) throws {
@@ -130,6 +137,7 @@ public final class FileHandle: @unchecked Sendable {
 
     /// Allocates blocks for a byte range (posix_fallocate semantics; extends the file).
     public func preallocate(at offset: UInt64, length: UInt64) throws {
+        if let code = IOHooks.fault("fallocate") { throw QCOW2Error.io(path: path, operation: "fallocate", errno: code) }
         let rc = cqcow2_fallocate(fd, 0, Int64(offset), Int64(length))
         guard rc == 0 else { throw QCOW2Error.io(path: path, operation: "fallocate", errno: errno) }
     }

@@ -35,6 +35,11 @@ extension ImageWriter {
             try checkRefcountHeadroom(l1)
             let l1Offset = h.l1Size > 0 ? try allocateClusters(bytes: UInt64(h.l1Size) * 8) : 0
             if h.l1Size > 0 { try writeL1(l1, at: l1Offset) }
+            // Clear the copied flags of the active tree before raising the refcounts: a crash
+            // in between leaves flags that are merely too cautious (refcount 1, flag clear),
+            // never a copied flag on a shared cluster, which would let a write corrupt the
+            // snapshot. (QEMU raises refcounts first.)
+            try clearCopiedFlags(l1: l1, at: h.l1TableOffset)
             try updateSnapshotRefcount(l1: l1, addend: 1, l1Offset: h.l1TableOffset, isActive: true)
             try flushMetadata()
             var now = timespec()
@@ -70,7 +75,9 @@ extension ImageWriter {
             h = currentImage.header
             let oldActive = try readL1(offset: h.l1TableOffset, size: h.l1Size)
             try updateSnapshotRefcount(l1: snL1, addend: 1, l1Offset: sn.l1TableOffset, isActive: false)
-            var newActive = snL1 + [UInt64](repeating: 0, count: Int(h.l1Size) - snL1.count)
+            // The snapshot's L1 may carry stale copied flags: install it with them cleared,
+            // then recompute them once the old tree's references are gone.
+            var newActive = snL1.map { $0 & ~L1Entry.copiedFlag } + [UInt64](repeating: 0, count: Int(h.l1Size) - snL1.count)
             try writeL1(newActive, at: h.l1TableOffset)
             try syncFile()
             setActiveL1(newActive)
@@ -186,6 +193,26 @@ extension ImageWriter {
             try writeL1(newL1, at: l1Offset)
             try syncFile()
             if isActive { setActiveL1(newL1) }
+        }
+    }
+
+    /// Clears the copied flag in every L2 entry and L1 entry of the active tree, on disk.
+    private func clearCopiedFlags(l1: [UInt64], at l1Offset: UInt64) throws {
+        for raw in l1 {
+            let l2 = L1Entry(rawValue: raw).l2Offset
+            guard l2 != 0 else { continue }
+            try forEachEntry(ofTable: l2) { index, entry, _ in
+                if entry.isCopied && !entry.isCompressed {
+                    setTableEntry(l2, index, L2Entry(rawValue: entry.rawValue & ~L2Entry.copiedFlag, bitmap: entry.bitmap))
+                }
+            }
+        }
+        try flushMetadata()
+        let cleared = l1.map { $0 & ~L1Entry.copiedFlag }
+        if cleared != l1 {
+            try writeL1(cleared, at: l1Offset)
+            try syncFile()
+            setActiveL1(cleared)
         }
     }
 
