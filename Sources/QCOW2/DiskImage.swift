@@ -67,8 +67,12 @@ public final class DiskImage: BlockDevice, Sendable {
                         try disk.read(at: offset, into: buffer)
                     },
                     invalidate: { [unowned disk] start, end in
-                        // Patch cached resolutions; if that fails, forget them instead.
-                        do { try disk.index.refresh(start: start, end: end) } catch { disk.index.invalidate(start: start, end: end) }
+                        // Whole clusters change owner even when only part of one was written
+                        // (copy-on-write), so refresh whole clusters. Patch cached resolutions;
+                        // if that fails, forget them instead.
+                        let cs = layer.geometry.clusterSize
+                        let s = start & ~(cs - 1), e = min(disk.virtualSize, (end + cs - 1) & ~(cs - 1))
+                        do { try disk.index.refresh(start: s, end: e) } catch { disk.index.invalidate(start: s, end: e) }
                     },
                     statusZero: { [unowned disk] start, end in
                         try disk.allocationMap(offset: start, length: end - start).allSatisfy { $0.zero }

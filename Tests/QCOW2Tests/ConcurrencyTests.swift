@@ -1,0 +1,64 @@
+import Dispatch
+import Foundation
+import QCOW2
+import Testing
+
+/// Several threads reading and writing different ranges of one open image at once.
+@Suite("Concurrent reads and writes through the library")
+struct ConcurrencyTests {
+    @Test("threads writing disjoint ranges, and reading, leave exactly the written data", arguments: ["", "cluster_size=4k", "extended_l2=on"])
+    func disjointWriters(_ options: String) async throws {
+        try await withTempDir("concurrency") { dir in
+            var args = ["create", "-q", "-f", "qcow2"]
+            if !options.isEmpty { args += ["-o", options] }
+            _ = try await qemuImg(args + ["base.qcow2", "32M"], cwd: dir)
+            try await qemuIO(dir + "/base.qcow2", ["write -P 0x77 0 32M"], cwd: dir)
+            _ = try await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"] + (options.isEmpty ? [] : ["-o", options]) + ["top.qcow2"], cwd: dir)
+            let disk = try DiskImage.open(path: dir + "/top.qcow2", options: OpenOptions(writable: true))
+            let threads = Int(ProcessInfo.processInfo.environment["QCOW2_TEST_THREADS"] ?? "8") ?? 8
+            let slice: UInt64 = 4 << 20  // each thread owns 4 MiB
+            let failures = FailureBox()
+            DispatchQueue.concurrentPerform(iterations: threads) { t in
+                var rng = WSplitMix64(seed: UInt64(t) + 1)
+                let base = UInt64(t) * slice
+                let pattern = UInt8(t + 1)
+                var buffer = [UInt8](repeating: pattern, count: 70_000)
+                var readBack = [UInt8](repeating: 0, count: 70_000)
+                for _ in 0..<60 {
+                    let length = Int(rng.next() % 69_000) + 1
+                    let offset = base + rng.next() % (slice - UInt64(length))
+                    do {
+                        try buffer.withUnsafeBytes { try disk.write(at: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+                        try readBack.withUnsafeMutableBytes { try disk.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<length])) }
+                        if readBack[0..<length].contains(where: { $0 != pattern }) { failures.add("thread \(t): read-back mismatch at \(offset)") }
+                        if rng.next() % 10 == 0 { try disk.flush() }
+                    } catch {
+                        failures.add("thread \(t): \(error)")
+                    }
+                }
+                buffer[0] = pattern
+            }
+            try disk.close()
+            #expect(failures.messages.isEmpty, "\(failures.messages.prefix(5))")
+            let check = try await run("qemu-img", ["check", "top.qcow2"], cwd: dir, timeout: 60)
+            #expect(check.status == 0, "qemu-img check after concurrent writes: \(check.stdout)\(check.stderr)")
+            // Every byte is either the backing pattern or its owner thread's pattern.
+            let raw = dir + "/top.raw"
+            _ = try await qemuImg(["convert", "-O", "raw", "top.qcow2", raw], cwd: dir)
+            let data = try Data(contentsOf: URL(fileURLWithPath: raw))
+            for t in 0..<threads {
+                let range = Int(UInt64(t) * slice)..<Int(UInt64(t + 1) * slice)
+                let bad = data[range].first { $0 != 0x77 && $0 != UInt8(t + 1) }
+                #expect(bad == nil, "thread \(t)'s range holds a foreign byte \(String(describing: bad))")
+            }
+        }
+    }
+}
+
+/// Collects failure messages from several threads.
+final class FailureBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var list: [String] = []
+    func add(_ m: String) { lock.lock(); list.append(m); lock.unlock() }
+    var messages: [String] { lock.lock(); defer { lock.unlock() }; return list }
+}
