@@ -95,6 +95,7 @@ public final class NBDServer: Sendable {
                 }
             }
             .childChannelOption(.allowRemoteHalfClosure, value: false)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { [self] channel in
                 guard !isStopping else {
                     return channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
@@ -122,7 +123,8 @@ public final class NBDServer: Sendable {
             s.serverChannel = channel
             return s.stopping
         }
-        if stopNow { stop() }
+        // stop() ran while we were binding: it could not close this channel.
+        if stopNow { channel.close(promise: nil) }
         return channel.localAddress.map { ListeningAddress(port: $0.port, description: "\($0)") }
     }
 
@@ -136,10 +138,12 @@ public final class NBDServer: Sendable {
 
     /// Stops accepting and closes every connection (in-flight disk work still completes).
     public func stop() {
-        let (server, children) = state.withLock { s -> ((any Channel)?, [any Channel]) in
+        let (first, server, children) = state.withLock { s -> (Bool, (any Channel)?, [any Channel]) in
+            let first = !s.stopping
             s.stopping = true
-            return (s.serverChannel, Array(s.children.values))
+            return (first, s.serverChannel, Array(s.children.values))
         }
+        guard first else { return }
         var closes: [EventLoopFuture<Void>] = []
         if let server { closes.append(server.close()) }
         closes += children.map { $0.close() }

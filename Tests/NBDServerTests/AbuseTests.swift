@@ -439,7 +439,7 @@ def case_pipelined():
     reqs = []
     for i in range(n):
         if i % 3 == 0:
-            reqs.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, WRITE, 1000 + i, (8 << 20) + i * 65536, 4096) + bytes([i % 251]) * 4096)
+            reqs.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, WRITE, 1000 + i, (8 << 20) + i * 12288, 4096) + bytes([i % 251]) * 4096)
         else:
             reqs.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, READ, 1000 + i, (i % 2) * (60 << 20), 4096))
     # Send everything from a second thread while this one reads the replies (a client that
@@ -458,7 +458,7 @@ def case_pipelined():
             assert data == bytes([0xaa if i % 2 == 0 else 0xbb]) * 4096
     sender.join()
     for i in range(0, n, 3):
-        check_read(s, (8 << 20) + i * 65536, 4096, i % 251)
+        check_read(s, (8 << 20) + i * 12288, 4096, i % 251)
     s.close()
 
 def rss_kib(pid):
