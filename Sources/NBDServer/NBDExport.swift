@@ -45,11 +45,13 @@ public struct NBDExport: Sendable {
         self.readOnly = readOnly || !device.isWritable
     }
 
-    /// An export of an opened image: fast zeroing is advertised for qcow2 v3 images, whose
-    /// zero clusters need no data writes.
+    /// An export of an opened image: fast zeroing succeeds on qcow2 v3 images without an
+    /// external data file, whose zero clusters need no data writes.
     public init(name: String, description: String? = nil, image: DiskImage, readOnly: Bool) {
         self.init(name: name, description: description, device: image, readOnly: readOnly)
-        if let top = image.chain.first, top.format == "qcow2", let header = top.header, header.header.version >= 3 {
+        // An external data file may be raw-mapped (data_file_raw): zeroing then writes data.
+        if let top = image.chain.first, top.format == "qcow2", top.dataFile == nil, let header = top.header,
+           header.header.version >= 3 {
             fastZeroAlignment = image.clusterSize
         }
     }

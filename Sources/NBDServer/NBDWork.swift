@@ -201,6 +201,16 @@ enum NBDWork {
     /// Most extents sent in one status chunk (the spec's recommended bound).
     static let maxExtentsPerChunk = 1 << 20
 
+    /// The status value of an extent in a metadata context.
+    static func status(_ e: AllocationExtent, _ context: NBD.MetaContext) -> UInt32 {
+        switch context {
+        case .baseAllocation:
+            return (e.data ? 0 : NBD.stateHole) | (e.zero ? NBD.stateZero : 0)
+        case .allocationDepth:
+            return e.present ? UInt32(clamping: e.depth + 1) : 0
+        }
+    }
+
     /// One `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per selected context, the last with DONE.
     ///
     /// `base:allocation`: HOLE when the range holds no data in any layer, ZERO when it reads
@@ -209,7 +219,25 @@ enum NBDWork {
     static func blockStatus(export: NBDExport, cookie: UInt64, offset: UInt64, length: UInt64, reqOne: Bool,
                             contexts: [NBD.MetaContext], allocator: ByteBufferAllocator) throws -> ByteBuffer {
         let end = offset + length
-        let map = try export.device.allocationMap(offset: offset, length: length)
+        var map: [AllocationExtent]
+        if reqOne {
+            // Only the first extent of each context is wanted (QEMU asks for up to 2 GiB at a
+            // time, extent by extent): map a growing window until every context's first
+            // extent ends inside it, instead of the whole range each time.
+            var window = min(length, 4 << 20)
+            while true {
+                map = try export.device.allocationMap(offset: offset, length: window)
+                let settled = contexts.allSatisfy { c in
+                    guard let first = map.first else { return false }
+                    let f = status(first, c)
+                    return map.dropFirst().contains { status($0, c) != f }
+                }
+                if settled || window == length { break }
+                window = min(length, window * 8)
+            }
+        } else {
+            map = try export.device.allocationMap(offset: offset, length: length)
+        }
         var buffer = allocator.buffer(capacity: 64)
         for (i, context) in contexts.enumerated() {
             var extents: [(length: UInt64, flags: UInt32)] = []
@@ -217,13 +245,7 @@ enum NBDWork {
             for e in map {
                 guard e.start == pos, e.length > 0 else { break }
                 let n = min(e.end, end) - pos
-                let flags: UInt32
-                switch context {
-                case .baseAllocation:
-                    flags = (e.data ? 0 : NBD.stateHole) | (e.zero ? NBD.stateZero : 0)
-                case .allocationDepth:
-                    flags = e.present ? UInt32(clamping: e.depth + 1) : 0
-                }
+                let flags = status(e, context)
                 if let last = extents.last, last.flags == flags {
                     extents[extents.count - 1].length += n
                 } else {

@@ -12,14 +12,9 @@ import Darwin
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Export an image over NBD (like qemu-nbd).",
-        discussion: """
-            Listens on 127.0.0.1:10809 by default, or on a Unix socket (--socket), or on a listening
-            socket passed by the caller through systemd socket activation (LISTEN_PID/LISTEN_FDS, fd 3),
-            so that `nbdinfo -- [ qcow2 serve IMAGE ]` works. Without --persistent the server exits
-            when the last client disconnects.
-            """)
+        discussion: "Listens on 127.0.0.1:10809 by default, or on a Unix socket (--socket), or on a listening socket passed by the caller through systemd socket activation (LISTEN_PID/LISTEN_FDS, fd 3), so that `nbdinfo -- [ qcow2 serve IMAGE ]` works. Without --persistent the server exits when the last client disconnects.")
 
-    @Option(name: .customShort("f"), help: "Image format (qcow2 or raw); detected when omitted.")
+    @Option(name: .customShort("f"), help: ArgumentHelp("Image format (qcow2 or raw); detected when omitted.", valueName: "format"))
     var format: String?
 
     @Flag(name: [.customShort("r"), .customLong("read-only")], help: "Export read-only.")
@@ -46,7 +41,7 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("l"), .customLong("load-snapshot")], help: "Export an internal snapshot (read-only).")
     var loadSnapshot: String?
 
-    @Option(name: [.customShort("e"), .customLong("shared")], help: "Clients served at once (0: unlimited; default 1).")
+    @Option(name: [.customShort("e"), .customLong("shared")], help: "Clients served at once (0: unlimited); multi-conn is advertised when not 1.")
     var shared = 1
 
     @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep running after the last client disconnects.")
@@ -55,8 +50,16 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("A"), .customLong("allocation-depth")], help: "Offer the qemu:allocation-depth metadata context.")
     var allocationDepth = false
 
-    @Option(name: .customLong("discard"), help: "ignore or unmap: whether TRIM and zero writes may release clusters.")
+    @Option(name: .customLong("discard"), help: "ignore or unmap (also off/on): whether TRIM and zero writes may release clusters.")
     var discard: String = "ignore"
+
+    private var discardMode: NBDExport.DiscardMode? {
+        switch discard {
+        case "off": return .ignore
+        case "on": return .unmap
+        default: return NBDExport.DiscardMode(rawValue: discard)
+        }
+    }
 
     @Option(name: .customLong("detect-zeroes"), help: "off, on or unmap: turn written zeros into zero writes.")
     var detectZeroes: String = "off"
@@ -76,13 +79,13 @@ struct Serve: ParsableCommand {
     @Argument(help: "The image file.") var path: String
 
     func validate() throws {
-        guard NBDExport.DiscardMode(rawValue: discard) != nil else {
+        guard discardMode != nil else {
             throw ValidationError("--discard must be ignore or unmap")
         }
         guard NBDExport.DetectZeroes(rawValue: detectZeroes) != nil else {
             throw ValidationError("--detect-zeroes must be off, on or unmap")
         }
-        if detectZeroes == "unmap" && discard != "unmap" {
+        if detectZeroes == "unmap" && discardMode != .unmap {
             throw ValidationError("--detect-zeroes=unmap requires --discard=unmap")
         }
         if socket != nil && (bind != nil || port != nil) {
@@ -143,7 +146,7 @@ struct Serve: ParsableCommand {
         cleanup.image = image
 
         var export = NBDExport(name: exportName, description: exportDescription, image: image, readOnly: exportReadOnly)
-        export.discard = NBDExport.DiscardMode(rawValue: discard) ?? .ignore
+        export.discard = discardMode ?? .ignore
         export.detectZeroes = NBDExport.DetectZeroes(rawValue: detectZeroes) ?? .off
         export.allocationDepth = allocationDepth
         var config = NBDServer.Configuration(exports: [export])
