@@ -9,7 +9,7 @@ struct QCOW2Tool: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qcow2",
         abstract: "Inspect, convert and benchmark qcow2 disk images (qemu-img compatible).",
-        subcommands: [Create.self, Info.self, IO.self, Resize.self, Rebase.self, Commit.self, MeasureCommand.self, Amend.self, Snapshot.self, Map.self, Convert.self, Compare.self, Bench.self, Serve.self]
+        subcommands: [Create.self, Info.self, IO.self, Resize.self, Rebase.self, Commit.self, MeasureCommand.self, Amend.self, Snapshot.self, Map.self, Convert.self, Compare.self, Bench.self, Serve.self, CheckCommand.self]
     )
 
     /// Runs `body`, turning any error into qemu-img's one-line `qcow2: message` on stderr.
