@@ -63,6 +63,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var disconnecting = false
     /// True while `pump` runs: replies completing synchronously inside it must not re-enter.
     private var pumping = false
+    /// A flush of the replies written so far is queued on the event loop.
+    private var flushScheduled = false
 
     init(exports: [NBDExport], pool: NIOThreadPool, multiConn: Bool, limits: NBDConnectionLimits,
          log: (@Sendable (String) -> Void)? = nil) {
@@ -493,7 +495,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         let promise = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(wrapOutboundOut(reply), promise: promise)
+        context.write(wrapOutboundOut(reply), promise: promise)
+        // One flush (one writev) for the replies that complete in the same loop iteration.
+        if !flushScheduled {
+            flushScheduled = true
+            context.eventLoop.assumeIsolated().execute { [self] in
+                flushScheduled = false
+                if phase != .closed { context.flush() }
+            }
+        }
         promise.futureResult.assumeIsolated().whenComplete { [self] _ in
             inFlight -= 1
             inFlightBytes -= cost

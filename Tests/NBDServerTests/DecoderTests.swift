@@ -181,6 +181,7 @@ struct HandlerTests {
         func expectSimpleError(_ buffer: ByteBuffer, cookie: UInt64, _ error: NBD.ErrorCode?,
                                sourceLocation: SourceLocation = #_sourceLocation) throws {
             try channel.writeInbound(buffer)
+            channel.embeddedEventLoop.run()  // the coalesced flush
             let reply = try #require(try channel.readOutbound(as: ByteBuffer.self))
             let fields = reply.getMultipleIntegers(at: reply.readerIndex, as: (UInt32, UInt32, UInt64).self)
             let (magic, err, ck) = try #require(fields)
