@@ -30,9 +30,9 @@ public struct ImageHeader: Sendable, Equatable {
             // `bytes` may be a prefix of cluster 0: parsing stops at the end marker, and a
             // list that runs past the prefix throws `.truncated` so the caller can read more.
             extensions = try HeaderExtension.parseList(bytes, start: start, end: extEnd)
-        } else if start > extEnd {
-            throw .invalidField("backing_file_offset", value: header.backingFileOffset, reason: "overlaps the header (header_length \(start))")
         }
+        // A backing name that starts inside the header leaves no room for extensions; QEMU
+        // then reads none and still takes the name from that offset.
         var backing: String?
         if header.backingFileOffset != 0 {
             let r = ByteReader(bytes, structure: "backing file name")
