@@ -38,4 +38,9 @@ enum SnapshotTable {
     static func find(_ key: String, in table: [SnapshotTableEntry]) -> SnapshotTableEntry? {
         table.first { $0.id == key } ?? table.first { $0.name == key }
     }
+
+    /// qemu-img's `-l snapshot.id=ID,snapshot.name=NAME`: every given part must match.
+    static func find(id: String?, name: String?, in table: [SnapshotTableEntry]) -> SnapshotTableEntry? {
+        table.first { (id == nil || $0.id == id) && (name == nil || $0.name == name) }
+    }
 }

@@ -22,7 +22,8 @@ struct Bench: ParsableCommand {
     func run() throws {
         try QCOW2Tool.guarded {
             guard let size = parseSize(size), size > 0, size <= 1 << 30 else { throw ValidationError("invalid request size") }
-            guard let step = parseSize(step ?? String(size)) else { throw ValidationError("invalid step size") }
+            guard let parsedStep = parseSize(step ?? String(size)) else { throw ValidationError("invalid step size") }
+            let step = parsedStep == 0 ? size : parsedStep  // as qemu-img bench
             guard let start = parseSize(offset) else { throw ValidationError("invalid offset") }
             guard count >= 0, (1...256).contains(threads), depth >= 1 else { throw ValidationError("invalid -c, -t or -d") }
             var options = image.openOptions()
@@ -35,7 +36,9 @@ struct Bench: ParsableCommand {
             let writing = write, interval = flushInterval
             let imageSize = disk.virtualSize
             guard imageSize >= size else { throw ValidationError("image is smaller than one request") }
+            if flushInterval > 0 && flushInterval < depth { throw ValidationError("Flush interval can't be smaller than depth") }
             print("Sending \(count) \(write ? "write" : "read") requests, \(size) bytes each, \(depth) in parallel (starting at offset \(start), step size \(step))")
+            if write && flushInterval > 0 { print("Sending flush every \(flushInterval) requests") }
             let next = Atomic<Int>(0)
             let failure = Mutex<(any Error)?>(nil)
             let requestCount = count

@@ -41,12 +41,8 @@ struct Convert: ParsableCommand {
             var sourceOptions = image.openOptions()
             if let p = snapshotParam ?? snapshotID {
                 guard sourcePaths.count == 1 else { throw ValidationError("No support for concatenating multiple snapshot") }
-                var key = p
-                for part in p.split(separator: ",") {
-                    if part.hasPrefix("snapshot.name=") { key = String(part.dropFirst("snapshot.name=".count)) }
-                    if part.hasPrefix("snapshot.id=") { key = String(part.dropFirst("snapshot.id=".count)) }
-                }
-                sourceOptions.snapshot = key
+                // -s ID selects by ID; -l takes an ID or name, or snapshot.id=/snapshot.name= parts.
+                sourceOptions.snapshot = snapshotParam ?? "snapshot.id=\(p)"
             }
             let sources = try sourcePaths.map { try DiskImage.open(path: $0, options: sourceOptions) }
             let total = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }

@@ -23,7 +23,7 @@ struct MeasureCommand: ParsableCommand {
                 return v
             }
             let r = try Measure.measure(source: source, size: sizeValue, format: outputFormat, options: o)
-            let hasBitmaps = source?.chain.first?.format == "qcow2" && outputFormat == "qcow2"
+            let hasBitmaps = source?.chain.first?.format == "qcow2" && outputFormat == "qcow2" && o.compat != "0.10" && o.compat != "v2"
             switch output {
             case .human:
                 print("required size: \(r.required)")

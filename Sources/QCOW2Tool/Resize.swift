@@ -7,11 +7,13 @@ struct Resize: ParsableCommand {
     @Option(name: .customShort("f"), help: "Image format.") var format: String?
     @Flag(name: .customLong("shrink"), help: "Allow shrinking (data past the new end is lost).") var shrink = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
-    @Argument(help: "The image file.") var path: String
-    @Argument(help: "New size, or +SIZE / -SIZE relative to the current one.") var size: String
+    @Argument(parsing: .allUnrecognized, help: "The image file, then the new size (SIZE, +SIZE or -SIZE).")
+    var arguments: [String] = []
 
     func run() throws {
         try QCOW2Tool.guarded {
+            guard arguments.count == 2 else { throw ValidationError("Expecting image file name and size") }
+            let path = arguments[0], size = arguments[1]
             let disk = try DiskImage.open(path: path, options: OpenOptions(format: format, writable: true))
             var newSize: UInt64
             if size.hasPrefix("+") || size.hasPrefix("-") {
@@ -28,7 +30,10 @@ struct Resize: ParsableCommand {
                 guard let s = parseSize(size) else { throw ValidationError("Invalid image size specified") }
                 newSize = s
             }
-            newSize = (newSize + 511) & ~511
+            guard newSize > 0 else { throw ValidationError("New image size must be positive") }
+            if disk.chain.first?.format == "qcow2" && newSize % 512 != 0 {
+                throw ValidationError("The new size must be a multiple of 512")
+            }
             try disk.resize(to: newSize, allowShrink: shrink)
             try disk.close()
             if !quiet { print("Image resized.") }

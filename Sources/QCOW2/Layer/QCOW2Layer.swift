@@ -71,12 +71,21 @@ final class QCOW2Layer: Sendable {
                 throw QCOW2Error.invalidArgument("snapshots can only be opened read-only")
             }
             let table = try SnapshotTable.read(file: file, image: image, path: path)
-            guard let sn = SnapshotTable.find(wanted, in: table) else {
-                throw QCOW2Error.invalidArgument("\(path): snapshot '\(wanted)' not found")
+            // "snapshot.id=X,snapshot.name=Y" selects by those parts; a bare key is an ID or a name.
+            var id: String?, name: String?
+            for part in wanted.split(separator: ",") {
+                if part.hasPrefix("snapshot.id=") { id = String(part.dropFirst("snapshot.id=".count)) }
+                if part.hasPrefix("snapshot.name=") { name = String(part.dropFirst("snapshot.name=".count)) }
+            }
+            let found = (id != nil || name != nil) ? SnapshotTable.find(id: id, name: name, in: table) : SnapshotTable.find(wanted, in: table)
+            guard let sn = found else {
+                throw QCOW2Error.invalidArgument("\(path): Can't find snapshot '\(wanted)'")
             }
             l1Offset = sn.l1TableOffset
             l1Size = UInt64(sn.l1Size)
-            guestSize = sn.diskSize ?? h.size
+            // qemu-img reads a snapshot at the image's current size (zeros past the
+            // snapshot's own end).
+            guestSize = h.size
             snapshot = sn
         } else {
             snapshot = nil

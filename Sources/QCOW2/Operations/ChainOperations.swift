@@ -58,7 +58,12 @@ public enum ChainOperations {
                     }
                     var j = i + step
                     while j < n, memcmp(o.baseAddress! + j, w.baseAddress! + j, min(512, n - j)) != 0 { j += min(512, n - j) }
-                    try image.write(at: pos + UInt64(i), from: UnsafeRawBufferPointer(rebasing: o[i..<j]))
+                    let run = UnsafeRawBufferPointer(rebasing: o[i..<j])
+                    if ZeroDetection.isZero(run) {
+                        try image.writeZeroes(at: pos + UInt64(i), length: UInt64(j - i))
+                    } else {
+                        try image.write(at: pos + UInt64(i), from: run)
+                    }
                     i = j
                 }
                 pos += UInt64(n)

@@ -46,7 +46,7 @@ public enum Measure {
     private static func dataClusters(source: any BlockDevice, clusterSize cs: UInt64) throws -> UInt64 {
         var total: UInt64 = 0
         var next: UInt64 = 0  // first cluster not counted yet
-        for e in try source.allocationMap(offset: 0, length: source.virtualSize) where e.data && e.present {
+        for e in try source.allocationMap(offset: 0, length: source.virtualSize) where e.data && e.present && !e.zero {
             let first = max(e.start / cs, next), last = (e.end - 1) / cs
             if first <= last { total += (last - first + 1) * cs }
             next = max(next, last + 1)

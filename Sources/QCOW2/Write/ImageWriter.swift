@@ -814,7 +814,7 @@ final class ImageWriter: @unchecked Sendable {
                 }
             }
             if let lazy = lazyRefcounts, lazy != image.header.compatibleFeatures.contains(.lazyRefcounts) {
-                guard target >= 3 else {
+                guard target >= 3 || !lazy else {
                     throw QCOW2Error.invalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
                 }
                 try rewriteHeader { img in
@@ -1116,6 +1116,9 @@ final class ImageWriter: @unchecked Sendable {
             try ensureWritable()
             try flushLocked()
             let old = image.header.size
+            guard image.header.version >= 3 || image.header.nbSnapshots == 0 else {
+                throw QCOW2Error.unsupported(path: layer.path, "Can't resize a v2 image which has snapshots")
+            }
             guard let needed = g.l1EntriesNeeded(forVirtualSize: newSize), needed <= QCOW2Limits.maxL1Entries else {
                 throw QCOW2Error.invalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
             }
@@ -1123,9 +1126,7 @@ final class ImageWriter: @unchecked Sendable {
                 guard allowShrink else {
                     throw QCOW2Error.invalidArgument("Use the --shrink option to perform a shrink operation.")
                 }
-                guard image.header.nbSnapshots == 0 else {
-                    throw QCOW2Error.unsupported(path: layer.path, "Can't shrink an image which has snapshots")
-                }
+
                 var pos = (newSize + cs - 1) & ~(cs - 1)
                 let l1Count = layer.l1.withLock { $0.count }
                 while pos < old {

@@ -96,7 +96,8 @@ extension ImageWriter {
             try ensureWritableForSnapshots()
             try flushMetadata()
             var table = try loadSnapshots()
-            guard let index = table.firstIndex(where: { $0.id == key }) ?? table.firstIndex(where: { $0.name == key }) else {
+            // qemu-img snapshot -d looks the snapshot up by name only.
+            guard let index = table.firstIndex(where: { $0.name == key }) else {
                 throw QCOW2Error.invalidArgument("Could not delete snapshot '\(key)': snapshot not found")
             }
             let sn = table.remove(at: index)
@@ -132,10 +133,12 @@ extension ImageWriter {
     private func checkRefcountHeadroom(_ l1: [UInt64]) throws {
         let maxValue = refcountMaximum
         if maxValue >= UInt64(UInt32.max) { return }
-        try walk(l1) { cluster in
-            if try refcountOf(cluster) + 1 > maxValue {
-                throw QCOW2Error.invalidArgument("Could not create snapshot: the refcount width (\(refcountWidth) bits) is too small to share cluster \(cluster)")
-            }
+        // A host cluster can be referenced several times (compressed clusters sharing it):
+        // count every reference the snapshot adds before checking.
+        var added: [UInt64: UInt64] = [:]
+        try walk(l1) { cluster in added[cluster, default: 0] += 1 }
+        for (cluster, n) in added where try refcountOf(cluster) + n > maxValue {
+            throw QCOW2Error.invalidArgument("Could not create snapshot: the refcount width (\(refcountWidth) bits) is too small to share cluster \(cluster)")
         }
     }
 
