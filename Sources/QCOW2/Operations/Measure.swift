@@ -21,6 +21,10 @@ public enum Measure {
             return Result(required: r, fullyAllocated: r)
         }
         guard format == "qcow2" else { throw QCOW2Error.invalidArgument("unknown format '\(format)'") }
+        // The same limits as create (cluster size, refcount width, compat rules, size).
+        var check = options
+        check.size = rawSize
+        _ = try check.validated(requireBackingFormat: false)
         let cs = options.clusterSize
         guard cs.nonzeroBitCount == 1, cs >= 512, cs <= 2 << 20 else {
             throw QCOW2Error.invalidArgument("Cluster size must be a power of two between 512 and 2048k")

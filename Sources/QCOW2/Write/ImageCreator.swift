@@ -24,59 +24,7 @@ public struct CreateOptions: Sendable {
 /// (only `l1_size * 8` bytes written), allocated through the same refcount code as writes.
 public enum ImageCreator {
     public static func create(path: String, options o: CreateOptions) throws {
-        let clusterBits = UInt32(o.clusterSize.trailingZeroBitCount)
-        guard o.clusterSize.nonzeroBitCount == 1, (QCOW2Limits.minClusterBits...QCOW2Limits.maxClusterBits).contains(clusterBits) else {
-            throw QCOW2Error.invalidArgument("Cluster size must be a power of two between 512 and 2048k")
-        }
-        let version: UInt32
-        switch o.compat {
-        case "1.1", "v3": version = 3
-        case "0.10", "v2": version = 2
-        default: throw QCOW2Error.invalidArgument("Invalid compatibility level: '\(o.compat)'")
-        }
-        guard o.refcountBits > 0, o.refcountBits <= 64, o.refcountBits.nonzeroBitCount == 1 else {
-            throw QCOW2Error.invalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
-        }
-        if version == 2 {
-            if o.lazyRefcounts { throw QCOW2Error.invalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.refcountBits != 16 { throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)") }
-            if o.extendedL2 { throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.compressionType != .deflate { throw QCOW2Error.invalidArgument("Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)") }
-            if o.dataFile != nil { throw QCOW2Error.invalidArgument("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
-        }
-        if o.extendedL2 && clusterBits < QCOW2Limits.minClusterBitsExtendedL2 {
-            throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
-        }
-        guard ["off", "metadata", "falloc", "full"].contains(o.preallocation) else {
-            throw QCOW2Error.invalidArgument("Invalid preallocation mode: '\(o.preallocation)'")
-        }
-        if o.dataFileRaw {
-            guard o.dataFile != nil else { throw QCOW2Error.invalidArgument("data-file-raw requires data-file") }
-            guard o.backingFile == nil else { throw QCOW2Error.invalidArgument("Backing file and data-file-raw cannot be used at the same time") }
-        }
-        if o.preallocation != "off" && o.backingFile != nil {
-            throw QCOW2Error.invalidArgument("Backing file and preallocation can only be used at the same time if extended_l2 is on")
-        }
-        if o.backingFile != nil && o.backingFormat == nil {
-            throw QCOW2Error.invalidArgument("Backing file specified without backing format")
-        }
-        if let f = o.backingFormat, f.utf8.count > QCOW2Limits.maxBackingFormatLength {
-            throw QCOW2Error.invalidArgument("backing format '\(f)' is too long")
-        }
-        if let b = o.backingFile, b.utf8.count > Int(QCOW2Limits.maxBackingFileNameLength) {
-            throw QCOW2Error.invalidArgument("backing file name is too long (at most 1023 bytes)")
-        }
-        // QEMU works in 512-byte sectors: round the size up.
-        let (rounded, overflow) = o.size.addingReportingOverflow(511)
-        guard !overflow else { throw QCOW2Error.invalidArgument("Image size is too large") }
-        let size = rounded & ~511
-        let geometry = ClusterGeometry(clusterBits: clusterBits, extendedL2: o.extendedL2)
-        guard let l1Entries = geometry.l1EntriesNeeded(forVirtualSize: size), l1Entries <= QCOW2Limits.maxL1Entries,
-              size <= UInt64(Int64.max)
-        else {
-            throw QCOW2Error.invalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
-        }
-
+        let (version, clusterBits, size, l1Entries) = try o.validated()
         var h = QCOW2Header(version: version, clusterBits: clusterBits, size: size)
         h.refcountOrder = UInt32(o.refcountBits.trailingZeroBitCount)
         if o.lazyRefcounts { h.compatibleFeatures.insert(.lazyRefcounts) }
@@ -162,5 +110,67 @@ public enum RawImage {
         // Like QEMU's file driver, allocate the first block (it makes alignment probing cheap).
         if size > 0 { try f.write([UInt8](repeating: 0, count: Int(min(size, 4096))), at: 0) }
         try f.sync()
+    }
+}
+
+extension CreateOptions {
+    /// Checks the options as `qemu-img create` (and `measure`) do; returns the header
+    /// version, cluster bits, virtual size rounded to 512 and the L1 size.
+    public func validated(requireBackingFormat: Bool = true) throws -> (version: UInt32, clusterBits: UInt32, size: UInt64, l1Entries: UInt64) {
+        let o = self
+        let clusterBits = UInt32(o.clusterSize.trailingZeroBitCount)
+        guard o.clusterSize.nonzeroBitCount == 1, (QCOW2Limits.minClusterBits...QCOW2Limits.maxClusterBits).contains(clusterBits) else {
+            throw QCOW2Error.invalidArgument("Cluster size must be a power of two between 512 and 2048k")
+        }
+        let version: UInt32
+        switch o.compat {
+        case "1.1", "v3": version = 3
+        case "0.10", "v2": version = 2
+        default: throw QCOW2Error.invalidArgument("Invalid compatibility level: '\(o.compat)'")
+        }
+        guard o.refcountBits > 0, o.refcountBits <= 64, o.refcountBits.nonzeroBitCount == 1 else {
+            throw QCOW2Error.invalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
+        }
+        if version == 2 {
+            if o.lazyRefcounts { throw QCOW2Error.invalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
+            if o.refcountBits != 16 { throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)") }
+            if o.extendedL2 { throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
+            if o.compressionType != .deflate { throw QCOW2Error.invalidArgument("Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)") }
+            if o.dataFile != nil { throw QCOW2Error.invalidArgument("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
+        }
+        if o.extendedL2 && clusterBits < QCOW2Limits.minClusterBitsExtendedL2 {
+            throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+        }
+        guard ["off", "metadata", "falloc", "full"].contains(o.preallocation) else {
+            throw QCOW2Error.invalidArgument("Invalid preallocation mode: '\(o.preallocation)'")
+        }
+        if o.dataFileRaw {
+            guard o.dataFile != nil else { throw QCOW2Error.invalidArgument("data-file-raw requires data-file") }
+            guard o.backingFile == nil else { throw QCOW2Error.invalidArgument("Backing file and data-file-raw cannot be used at the same time") }
+        }
+        if o.preallocation != "off" && o.backingFile != nil {
+            throw QCOW2Error.invalidArgument("Backing file and preallocation can only be used at the same time if extended_l2 is on")
+        }
+        if requireBackingFormat && o.backingFile != nil && o.backingFormat == nil {
+            throw QCOW2Error.invalidArgument("Backing file specified without backing format")
+        }
+        if let f = o.backingFormat, f.utf8.count > QCOW2Limits.maxBackingFormatLength {
+            throw QCOW2Error.invalidArgument("backing format '\(f)' is too long")
+        }
+        if let b = o.backingFile, b.utf8.count > Int(QCOW2Limits.maxBackingFileNameLength) {
+            throw QCOW2Error.invalidArgument("backing file name is too long (at most 1023 bytes)")
+        }
+        // QEMU works in 512-byte sectors: round the size up.
+        let (rounded, overflow) = o.size.addingReportingOverflow(511)
+        guard !overflow else { throw QCOW2Error.invalidArgument("Image size is too large") }
+        let size = rounded & ~511
+        let geometry = ClusterGeometry(clusterBits: clusterBits, extendedL2: o.extendedL2)
+        guard let l1Entries = geometry.l1EntriesNeeded(forVirtualSize: size), l1Entries <= QCOW2Limits.maxL1Entries,
+              size <= UInt64(Int64.max)
+        else {
+            throw QCOW2Error.invalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+        }
+
+        return (version, clusterBits, size, l1Entries)
     }
 }
