@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# fuzz.sh — build and run the libFuzzer targets in Fuzz/ (Linux, swiftc -sanitize=fuzzer).
+#
+# Targets (Fuzz/Targets/Fuzz<Name>.swift, seeds in Fuzz/corpus/<name>/):
+#   header        QCOW2Header.parse (+ serialize/parse round trip)
+#   image-header  ImageHeader.parse: cluster 0 with extensions and backing name
+#   l2-entry      L2Entry.clusterKind / subclusterType, CompressedDescriptor, fuzzed geometry
+#   refcount      RefcountBlockCodec get/set on every width
+#   snapshot      SnapshotTableEntry.parseTable (+ serialize/parse)
+#   image         a whole image through the engine (DiskImage.open, read, allocationMap,
+#                 snapshots, read-only ImageCheck); links Sources/QCOW2 + QCOW2Format,
+#                 the CQCOW2System shim, zlib and zstd
+# The format targets compile Sources/QCOW2Format/*.swift straight into the fuzzer; the
+# image target builds QCOW2Format and QCOW2 as modules first. All with AddressSanitizer
+# (FUZZ_SANITIZERS=fuzzer to turn it off).
+#
+# Usage:
+#   scripts/fuzz.sh [TARGET...]                 build + run (default: all targets)
+#   FUZZ_SECONDS=300 scripts/fuzz.sh image      longer run of one target
+#   BUILD_ONLY=1 scripts/fuzz.sh                build only
+#   scripts/fuzz.sh -- header CRASHFILE         (after `--`: run one binary on inputs,
+#                                                e.g. to reproduce a crash)
+#
+# Environment (defaults in brackets):
+#   FUZZ_SECONDS     seconds per target                     [30]
+#   FUZZ_DIR         scratch: binaries, working corpora, crashes  [<repo>/.build-fuzz]
+#   FUZZ_JOBS        parallel fuzzing processes per target  [1]
+#   FUZZ_SANITIZERS  swiftc -sanitize= value                [fuzzer,address]
+#   FUZZ_OPT         swiftc optimisation flag               [-O]
+#   FUZZ_ARGS        extra libFuzzer arguments              []
+#
+# Each run starts from Fuzz/corpus/<target>/ plus the working corpus kept in
+# $FUZZ_DIR/corpus/<target>/ from earlier runs; crashes land in
+# $FUZZ_DIR/crashes/<target>/ (crash-*, timeout-*, oom-*), and the script exits 1 when a
+# target found one. Minimize one with:
+#   .build-fuzz/bin/fuzz-<target> -minimize_crash=1 -runs=20000 CRASHFILE
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
+FUZZ_DIR="${FUZZ_DIR:-$ROOT/.build-fuzz}"
+FUZZ_JOBS="${FUZZ_JOBS:-1}"
+FUZZ_SANITIZERS="${FUZZ_SANITIZERS:-fuzzer,address}"
+FUZZ_OPT="${FUZZ_OPT:--O}"
+FUZZ_ARGS="${FUZZ_ARGS:-}"
+ALL_TARGETS=(header image-header l2-entry refcount snapshot image)
+
+# target name -> source file, and per-target libFuzzer options
+source_of() {
+  case "$1" in
+    header) echo FuzzHeader.swift ;;
+    image-header) echo FuzzImageHeader.swift ;;
+    l2-entry) echo FuzzL2Entry.swift ;;
+    refcount) echo FuzzRefcountBlock.swift ;;
+    snapshot) echo FuzzSnapshotTable.swift ;;
+    image) echo FuzzImage.swift ;;
+    *) echo "unknown target: $1 (targets: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
+  esac
+}
+options_of() {
+  case "$1" in
+    header) echo "-max_len=512" ;;
+    image-header) echo "-max_len=8192" ;;
+    l2-entry) echo "-max_len=1024" ;;
+    refcount) echo "-max_len=70000" ;;
+    snapshot) echo "-max_len=16384" ;;
+    image) echo "-max_len=262144 -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=20" ;;
+  esac
+}
+
+SWIFTC="${SWIFTC:-swiftc}"
+CLANG="${CLANG:-$(dirname "$(command -v "$SWIFTC")")/clang}"
+[ -x "$CLANG" ] || CLANG=clang
+SAN=(-sanitize="$FUZZ_SANITIZERS")
+CSAN="-fsanitize=${FUZZ_SANITIZERS/fuzzer/fuzzer-no-link}"
+COMMON=("$FUZZ_OPT" -g -parse-as-library -swift-version 6)
+# lld: gold prints a warning per ASan symbol
+LINK=()
+command -v "$(dirname "$(command -v "$SWIFTC")")/ld.lld" > /dev/null 2>&1 && LINK=(-use-ld=lld)
+
+BIN="$FUZZ_DIR/bin"
+OBJ="$FUZZ_DIR/obj"
+mkdir -p "$BIN" "$OBJ"
+
+newer_than() { # newer_than OUTPUT INPUT... : true when OUTPUT is missing or older than an input
+  local out="$1"; shift
+  [ -e "$out" ] || return 0
+  local f
+  for f in "$@"; do [ "$f" -nt "$out" ] && return 0; done
+  return 1
+}
+
+FORMAT_SOURCES=("$ROOT"/Sources/QCOW2Format/*.swift)
+
+build_format_target() { # a pure-Swift target: QCOW2Format compiled into the fuzzer itself
+  local t="$1" src
+  src="$ROOT/Fuzz/Targets/$(source_of "$t")"
+  local out="$BIN/fuzz-$t"
+  # The harness says `import QCOW2Format`; compiled into one module, that import must go.
+  local harness="$OBJ/$t-harness.swift"
+  sed '/^import QCOW2Format$/d' "$src" > "$harness.tmp"
+  if ! cmp -s "$harness.tmp" "$harness" 2>/dev/null; then mv "$harness.tmp" "$harness"; else rm -f "$harness.tmp"; fi
+  if newer_than "$out" "${FORMAT_SOURCES[@]}" "$harness"; then
+    echo "== building fuzz-$t"
+    "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" "${LINK[@]}" -module-name QCOW2Format "${FORMAT_SOURCES[@]}" "$harness" -o "$out"
+  fi
+}
+
+build_engine_modules() { # QCOW2Format and QCOW2 as modules, the C shim as an object
+  local mod="$OBJ/modules"
+  mkdir -p "$mod/CQCOW2System"
+  cat > "$mod/CQCOW2System/module.modulemap" <<EOF
+module CQCOW2System {
+    header "$ROOT/Sources/CQCOW2System/include/CQCOW2System.h"
+    export *
+}
+EOF
+  local engine_sources=()
+  while IFS= read -r f; do engine_sources+=("$f"); done < <(find "$ROOT/Sources/QCOW2" -name '*.swift' | sort)
+  if newer_than "$OBJ/libQCOW2Format.a" "${FORMAT_SOURCES[@]}"; then
+    echo "== building QCOW2Format (module)"
+    (cd "$OBJ" && "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" -module-name QCOW2Format -emit-module -emit-module-path "$mod/QCOW2Format.swiftmodule" \
+      -emit-library -static -o "$OBJ/libQCOW2Format.a" "${FORMAT_SOURCES[@]}")
+  fi
+  if newer_than "$OBJ/shims.o" "$ROOT/Sources/CQCOW2System/shims.c"; then
+    echo "== building CQCOW2System shim"
+    "$CLANG" -c -O1 -g -D_GNU_SOURCE "$CSAN" -I "$ROOT/Sources/CQCOW2System/include" \
+      "$ROOT/Sources/CQCOW2System/shims.c" -o "$OBJ/shims.o"
+  fi
+  if newer_than "$OBJ/libQCOW2.a" "${engine_sources[@]}" "$OBJ/libQCOW2Format.a"; then
+    echo "== building QCOW2 (module, ${#engine_sources[@]} files)"
+    (cd "$OBJ" && "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" -module-name QCOW2 -I "$mod" \
+      -Xcc -fmodule-map-file="$mod/CQCOW2System/module.modulemap" \
+      -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" \
+      -emit-module -emit-module-path "$mod/QCOW2.swiftmodule" \
+      -emit-library -static -o "$OBJ/libQCOW2.a" "${engine_sources[@]}")
+  fi
+}
+
+build_image_target() {
+  build_engine_modules
+  local mod="$OBJ/modules" src="$ROOT/Fuzz/Targets/FuzzImage.swift" out="$BIN/fuzz-image"
+  if newer_than "$out" "$src" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/shims.o"; then
+    echo "== building fuzz-image"
+    "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" "${LINK[@]}" -module-name FuzzImage -I "$mod" \
+      -Xcc -fmodule-map-file="$mod/CQCOW2System/module.modulemap" \
+      -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" \
+      "$src" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/shims.o" -lz -lzstd -o "$out"
+  fi
+}
+
+build() {
+  if [ "$1" = image ]; then build_image_target; else build_format_target "$1"; fi
+}
+
+if [ "${1:-}" = "--" ]; then
+  shift
+  t="$1"; shift
+  build "$t"
+  exec "$BIN/fuzz-$t" $(options_of "$t") "$@"
+fi
+
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
+for t in "${TARGETS[@]}"; do source_of "$t" > /dev/null; build "$t"; done
+[ "${BUILD_ONLY:-0}" = 1 ] && exit 0
+
+status=0
+SUMMARY=()
+for t in "${TARGETS[@]}"; do
+  work="$FUZZ_DIR/corpus/$t" crashes="$FUZZ_DIR/crashes/$t" log="$FUZZ_DIR/logs/$t.log"
+  mkdir -p "$work" "$crashes" "$(dirname "$log")"
+  seeds=()
+  [ -d "$ROOT/Fuzz/corpus/$t" ] && seeds=("$ROOT/Fuzz/corpus/$t")
+  dict=()
+  [ -f "$ROOT/Fuzz/qcow2.dict" ] && dict=(-dict="$ROOT/Fuzz/qcow2.dict")
+  before=$(find "$crashes" -type f | wc -l)
+  jobs=()
+  [ "$FUZZ_JOBS" -gt 1 ] && jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS")
+  run="$FUZZ_DIR/run/$t"  # libFuzzer's cwd (-jobs writes fuzz-N.log there)
+  rm -rf "$run"; mkdir -p "$run"
+  echo "== fuzzing $t for ${FUZZ_SECONDS}s (log: $log)"
+  set +e
+  (cd "$run" && "$BIN/fuzz-$t" $(options_of "$t") "${dict[@]}" -max_total_time="$FUZZ_SECONDS" \
+    -print_final_stats=1 -artifact_prefix="$crashes/" "${jobs[@]}" \
+    $FUZZ_ARGS "$work" "${seeds[@]}" > "$log" 2>&1)
+  rc=$?
+  set -e
+  cat "$run"/fuzz-*.log >> "$log" 2>/dev/null || true
+  runs=$(grep -h 'stat::number_of_executed_units' "$log" | awk '{s+=$2} END {print s+0}')
+  speed=$(grep -h 'stat::average_exec_per_sec' "$log" | awk '{s+=$2} END {print s+0}')
+  cov=$(grep -hoE 'cov: [0-9]+' "$log" | tail -1 | awk '{print $2}')
+  after=$(find "$crashes" -type f | wc -l)
+  found=$((after - before))
+  SUMMARY+=("$(printf '%-13s %10s execs  %7s exec/s  cov %6s  new crashes %d  (exit %d)' "$t" "$runs" "$speed" "${cov:-?}" "$found" "$rc")")
+  if [ "$found" -gt 0 ] || [ "$rc" -ne 0 ]; then
+    status=1
+    grep -hE '==ERROR|Fatal error|SUMMARY|Test unit written|^    #[0-9]+ ' "$log" | head -40 || true
+  fi
+done
+echo "== summary (${FUZZ_SECONDS}s per target)"
+printf '%s\n' "${SUMMARY[@]}"
+exit $status
