@@ -31,6 +31,7 @@ public enum ChainOperations {
 
     private static func copyDifferences(image: DiskImage, newChain: DiskImage?, progress: (@Sendable (Double) -> Void)?) throws {
         let size = image.virtualSize
+        let oldBackingSize = image.chain.count > 1 ? image.chain[1].virtualSize : 0
         let chunk: UInt64 = 2 << 20
         let old = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(chunk), alignment: 4096)
         let new = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(chunk), alignment: 4096)
@@ -59,7 +60,9 @@ public enum ChainOperations {
                     var j = i + step
                     while j < n, memcmp(o.baseAddress! + j, w.baseAddress! + j, min(512, n - j)) != 0 { j += min(512, n - j) }
                     let run = UnsafeRawBufferPointer(rebasing: o[i..<j])
-                    if ZeroDetection.isZero(run) {
+                    // As qemu-img: past the end of the old backing file the old content is
+                    // zeros by definition and is written as zero clusters; elsewhere as data.
+                    if pos >= oldBackingSize {
                         try image.writeZeroes(at: pos + UInt64(i), length: UInt64(j - i))
                     } else {
                         try image.write(at: pos + UInt64(i), from: run)
