@@ -35,7 +35,6 @@ final class ImageWriter: @unchecked Sendable {
     private var l2Tables: Set<UInt64> = []
     /// (host offset, length, punch hole when freed)
     private var pendingFrees: [(UInt64, UInt64, Bool)] = []
-    private var freeByteOffset: UInt64 = 0
     private var setDirtyBit = false
     private(set) var isReadOnly = false
 
@@ -746,7 +745,7 @@ final class ImageWriter: @unchecked Sendable {
     }
 
     private func allocateBytes(_ size: UInt64) throws -> UInt64 {
-        try refcounts.allocateBytes(size, freeByteOffset: &freeByteOffset)
+        try refcounts.allocateBytes(size)
     }
 
     // MARK: Header changes

@@ -159,6 +159,8 @@ final class RefcountManager {
                     new = sum
                 }
                 if new == 0 && c < freeClusterIndex { freeClusterIndex = c }
+                // A freed cluster must not keep receiving compressed streams.
+                if new == 0 && freeByteOffset != 0 && freeByteOffset / clusterSize == c { freeByteOffset = 0 }
                 try store(new, cluster: c, blockOffset: blockOffset)
                 c += 1
             }
@@ -335,7 +337,10 @@ final class RefcountManager {
     /// Byte-granular allocation for compressed clusters (QEMU's `qcow2_alloc_bytes`):
     /// continues in the partly used cluster of the previous call when the stream fits or
     /// the next cluster is adjacent; every cluster touched gets +1.
-    func allocateBytes(_ size: UInt64, freeByteOffset: inout UInt64) throws -> UInt64 {
+    /// QEMU's `free_byte_offset`: where the next compressed stream may start (0: none).
+    private var freeByteOffset: UInt64 = 0
+
+    func allocateBytes(_ size: UInt64) throws -> UInt64 {
         var offset = freeByteOffset
         if offset != 0, try refcount(ofCluster: offset / clusterSize) == codec.maxValue { offset = 0 }
         var freeInCluster = clusterSize - offset % clusterSize
