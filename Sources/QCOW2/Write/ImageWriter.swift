@@ -57,7 +57,8 @@ final class ImageWriter: @unchecked Sendable {
         self.statusZero = statusZero
         self.hasBacking = hasBacking
         var image = layer.image
-        if image.header.incompatibleFeatures.contains(.dirty) {
+        let wasDirty = image.header.incompatibleFeatures.contains(.dirty)
+        if wasDirty {
             // Refcounts may be stale (lazy refcounts and no clean close): rebuild them from
             // the metadata before allocating anything, then clear the bit, as QEMU does.
             try RefcountRebuild.rebuild(file: file, image: &image)
@@ -82,6 +83,7 @@ final class ImageWriter: @unchecked Sendable {
             try writeHeaderField(at: 88, image.header.autoclearFeatures.rawValue)
             try syncWithRefcounts()
         }
+        if wasDirty && dataFile == nil { try recomputeActiveCopiedFlags() }
     }
 
     private static func refcountManager(file: FileHandle, header: QCOW2Header) throws -> RefcountManager {

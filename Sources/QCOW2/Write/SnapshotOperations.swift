@@ -112,6 +112,18 @@ extension ImageWriter {
         }
     }
 
+    /// Recomputes the copied flags of the active tree from the refcounts (after a refcount
+    /// rebuild of a dirty image, flags left cautious by an interrupted snapshot operation
+    /// must be set again).
+    func recomputeActiveCopiedFlags() throws {
+        try withMetadataLock {
+            let h = currentImage.header
+            let active = try readL1(offset: h.l1TableOffset, size: h.l1Size)
+            try updateSnapshotRefcount(l1: active, addend: 0, l1Offset: h.l1TableOffset, isActive: true)
+            try flushMetadata()
+        }
+    }
+
     // MARK: Helpers
 
     private func readL1(offset: UInt64, size: UInt32) throws -> [UInt64] {
