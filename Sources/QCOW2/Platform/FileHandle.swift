@@ -173,7 +173,9 @@ extension FileHandle {
     /// a reader refuses writers. Fails with a clear message when another process (QEMU or
     /// us) holds a conflicting lock.
     public func lockImage(forWriting: Bool) throws {
-        func conflict(_ byte: UInt64) -> Bool { cqcow2_ofd_test(fd, Int64(byte), 1) == 1 }
+        // A probe that fails counts as a conflict (as QEMU's qemu_lock_fd_test), rather than
+        // letting two writers in.
+        func conflict(_ byte: UInt64) -> Bool { cqcow2_ofd_test(fd, Int64(byte), 1) != 0 }
         if forWriting {
             if conflict(100 + Self.permWrite) || conflict(200 + Self.permWrite) || conflict(200 + Self.permConsistentRead) {
                 throw QCOW2Error.unsupported(path: path, "Failed to get \"write\" lock: is another process using the image?")
