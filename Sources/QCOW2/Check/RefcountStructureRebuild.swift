@@ -28,7 +28,7 @@ extension QCOW2Checker {
         var newTable: [UInt64] = []
         do throws(RebuildError) {
             var grown = try writeRefcountBlocks(&table, from: 0, to: table.count, into: &newTable, avoiding: avoid)
-            precondition(grown, "the first pass creates the table")
+            guard grown else { throw RebuildError(what: "ERROR rebuilding the refcount structure: no refcount table was produced", code: CheckStop.invalid.code) }
             var tableOffset: UInt64 = 0
             var tableClusters: UInt64 = 0
             repeat {
