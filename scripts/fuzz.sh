@@ -10,6 +10,9 @@
 #   image         a whole image through the engine (DiskImage.open, read, allocationMap,
 #                 snapshots, read-only ImageCheck); links Sources/QCOW2 + QCOW2Format,
 #                 the CQCOW2System shim, zlib and zstd
+#   image-write   the same images opened read-write: writes, zero writes, discard,
+#                 compressed write, flush, snapshot create/delete, then `check -r all`
+#                 (seeds: Fuzz/corpus/image/)
 # The format targets compile Sources/QCOW2Format/*.swift straight into the fuzzer; the
 # image target builds QCOW2Format and QCOW2 as modules first. All with AddressSanitizer
 # (FUZZ_SANITIZERS=fuzzer to turn it off).
@@ -43,7 +46,7 @@ FUZZ_JOBS="${FUZZ_JOBS:-1}"
 FUZZ_SANITIZERS="${FUZZ_SANITIZERS:-fuzzer,address}"
 FUZZ_OPT="${FUZZ_OPT:--O}"
 FUZZ_ARGS="${FUZZ_ARGS:-}"
-ALL_TARGETS=(header image-header l2-entry refcount snapshot image)
+ALL_TARGETS=(header image-header l2-entry refcount snapshot image image-write)
 
 # target name -> source file, and per-target libFuzzer options
 source_of() {
@@ -54,6 +57,7 @@ source_of() {
     refcount) echo FuzzRefcountBlock.swift ;;
     snapshot) echo FuzzSnapshotTable.swift ;;
     image) echo FuzzImage.swift ;;
+    image-write) echo FuzzImageWrite.swift ;;
     *) echo "unknown target: $1 (targets: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
   esac
 }
@@ -64,7 +68,13 @@ options_of() {
     l2-entry) echo "-max_len=1024" ;;
     refcount) echo "-max_len=70000" ;;
     snapshot) echo "-max_len=16384" ;;
-    image) echo "-max_len=262144 -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=20" ;;
+    image|image-write) echo "-max_len=262144 -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=20" ;;
+  esac
+}
+corpus_of() { # seed directory
+  case "$1" in
+    image-write) echo "$ROOT/Fuzz/corpus/image" ;;
+    *) echo "$ROOT/Fuzz/corpus/$1" ;;
   esac
 }
 
@@ -137,12 +147,14 @@ EOF
   fi
 }
 
-build_image_target() {
+build_image_target() { # a target over the engine: links the QCOW2 and QCOW2Format modules
+  local t="$1"
   build_engine_modules
-  local mod="$OBJ/modules" src="$ROOT/Fuzz/Targets/FuzzImage.swift" out="$BIN/fuzz-image"
+  local mod="$OBJ/modules" src out="$BIN/fuzz-$t"
+  src="$ROOT/Fuzz/Targets/$(source_of "$t")"
   if newer_than "$out" "$src" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/shims.o"; then
-    echo "== building fuzz-image"
-    "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" "${LINK[@]}" -module-name FuzzImage -I "$mod" \
+    echo "== building fuzz-$t"
+    "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" "${LINK[@]}" -module-name FuzzTarget -I "$mod" \
       -Xcc -fmodule-map-file="$mod/CQCOW2System/module.modulemap" \
       -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" \
       "$src" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/shims.o" -lz -lzstd -o "$out"
@@ -150,7 +162,10 @@ build_image_target() {
 }
 
 build() {
-  if [ "$1" = image ]; then build_image_target; else build_format_target "$1"; fi
+  case "$1" in
+    image|image-write) build_image_target "$1" ;;
+    *) build_format_target "$1" ;;
+  esac
 }
 
 if [ "${1:-}" = "--" ]; then
@@ -171,7 +186,7 @@ for t in "${TARGETS[@]}"; do
   work="$FUZZ_DIR/corpus/$t" crashes="$FUZZ_DIR/crashes/$t" log="$FUZZ_DIR/logs/$t.log"
   mkdir -p "$work" "$crashes" "$(dirname "$log")"
   seeds=()
-  [ -d "$ROOT/Fuzz/corpus/$t" ] && seeds=("$ROOT/Fuzz/corpus/$t")
+  [ -d "$(corpus_of "$t")" ] && seeds=("$(corpus_of "$t")")
   dict=()
   [ -f "$ROOT/Fuzz/qcow2.dict" ] && dict=(-dict="$ROOT/Fuzz/qcow2.dict")
   before=$(find "$crashes" -type f | wc -l)
@@ -187,9 +202,9 @@ for t in "${TARGETS[@]}"; do
   rc=$?
   set -e
   cat "$run"/fuzz-*.log >> "$log" 2>/dev/null || true
-  runs=$(grep -h 'stat::number_of_executed_units' "$log" | awk '{s+=$2} END {print s+0}')
-  speed=$(grep -h 'stat::average_exec_per_sec' "$log" | awk '{s+=$2} END {print s+0}')
-  cov=$(grep -hoE 'cov: [0-9]+' "$log" | tail -1 | awk '{print $2}')
+  runs=$(grep -h 'stat::number_of_executed_units' "$log" | awk '{s+=$2} END {print s+0}' || true)
+  speed=$(grep -h 'stat::average_exec_per_sec' "$log" | awk '{s+=$2} END {print s+0}' || true)
+  cov=$(grep -hoE 'cov: [0-9]+' "$log" | tail -1 | awk '{print $2}' || true)
   after=$(find "$crashes" -type f | wc -l)
   found=$((after - before))
   SUMMARY+=("$(printf '%-13s %10s execs  %7s exec/s  cov %6s  new crashes %d  (exit %d)' "$t" "$runs" "$speed" "${cov:-?}" "$found" "$rc")")

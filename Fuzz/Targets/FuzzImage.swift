@@ -1,7 +1,7 @@
 // libFuzzer target: a whole (small, mutated) image through the engine.
 // The input is written to a private temp file and opened read-only with DiskImage (backing
 // files and external data files are not followed: the input names arbitrary host paths);
-// then: read the first MiBs and the end of the disk, the allocation map, the snapshot list
+// then: read the first MiB and the end of the disk, the allocation map, the snapshot list
 // and the first snapshot's content, and — when the image names no other file — the
 // read-only consistency check. Every failure must be a thrown error, never a trap, a hang
 // or unbounded memory.
@@ -21,13 +21,13 @@ func exercise(_ disk: DiskImage) {
     let size = disk.virtualSize
     var buffer = [UInt8](repeating: 0, count: 1 << 20)
     var pos: UInt64 = 0
-    while pos < min(size, 4 << 20) {
+    while pos < min(size, 1 << 20) {
         let n = Int(min(UInt64(buffer.count), size - pos))
         _ = try? buffer.withUnsafeMutableBytes { try disk.read(at: pos, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
         pos += UInt64(n)
     }
-    if size > 4 << 20 {
-        let n = Int(min(UInt64(buffer.count), size - (4 << 20)))
+    if size > 1 << 20 {
+        let n = Int(min(UInt64(buffer.count), size - (1 << 20)))
         _ = try? buffer.withUnsafeMutableBytes { try disk.read(at: size - UInt64(n), into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
     }
     _ = try? disk.allocationMap(offset: 0, length: min(size, 64 << 30))
