@@ -363,10 +363,19 @@ extension MalformedCase {
 
     static let encryption: [MalformedCase] = [
         MalformedCase(name: "LUKS-encrypted image", convert: .reject, mentioning: "encrypt") { b in
-            try await b.img([
-                "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
-                "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "a.qcow2", "4M",
-            ])
+            // qemu-img's iteration calibration sometimes fails on a loaded VM ("Unable to get
+            // accurate CPU usage"); that is QEMU's problem, so retry.
+            for attempt in 1...20 {
+                do {
+                    try await b.img([
+                        "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
+                        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "a.qcow2", "4M",
+                    ])
+                    break
+                } catch where attempt < 20 {
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+            }
             return "a.qcow2"
         },
         MalformedCase(name: "legacy AES-encrypted image", convert: .reject, mentioning: "encrypt") { b in
