@@ -14,6 +14,10 @@ import Glibc
 let fuzzImagePath: String = {
     var template = Array("/tmp/qcow2-fuzz-image-XXXXXX".utf8CString)
     let dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+    atexit {
+        unlink(fuzzImagePath)
+        rmdir(String(fuzzImagePath.dropLast("/input.qcow2".count)))
+    }
     return dir + "/input.qcow2"
 }()
 

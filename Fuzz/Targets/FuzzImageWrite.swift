@@ -20,6 +20,10 @@ let fuzzWritePath: String = {
     setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit)
     var template = Array("/tmp/qcow2-fuzz-write-XXXXXX".utf8CString)
     let dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+    atexit {
+        unlink(fuzzWritePath)
+        rmdir(String(fuzzWritePath.dropLast("/input.qcow2".count)))
+    }
     return dir + "/input.qcow2"
 }()
 
