@@ -87,7 +87,8 @@ public struct SnapshotTableEntry: Sendable, Equatable {
     /// Serializes this entry (unpadded; the table writer pads between entries).
     public func serialize() -> [UInt8] {
         var b: [UInt8] = []
-        let idBytes = Array(id.utf8), nameBytes = Array(name.utf8)
+        // Lengths are 16-bit on disk: never trap on an over-long (e.g. re-encoded) name.
+        let idBytes = Array(id.utf8.prefix(Int(UInt16.max))), nameBytes = Array(name.utf8.prefix(Int(UInt16.max)))
         b.appendBE(l1TableOffset)
         b.appendBE(l1Size)
         b.appendBE(UInt16(idBytes.count))
