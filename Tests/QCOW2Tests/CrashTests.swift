@@ -873,28 +873,15 @@ struct CrashSyncPointTests {
         case sync
     }
 
-    /// Records of the log that concern `suffix` (other files are ignored).
+    /// Records of the log that concern `suffix` (other files are ignored), decoded by the
+    /// same parser the power-loss tests use.
     static func parseLog(_ data: Data, pathSuffix suffix: String) throws -> [Record] {
-        var out: [Record] = []
-        var i = data.startIndex
-        func take(_ n: Int) throws -> Data {
-            guard data.endIndex - i >= n else { throw CrashFailure("truncated I/O log") }
-            defer { i += n }
-            return data[i..<(i + n)]
-        }
-        func be(_ d: Data) -> UInt64 { d.reduce(0) { $0 << 8 | UInt64($1) } }
-        while i < data.endIndex {
-            let kind = try take(1).first!
-            let path = String(decoding: try take(Int(be(try take(2)))), as: UTF8.self)
-            if kind == 1 {
-                let offset = be(try take(8))
-                let bytes = Data(try take(Int(be(try take(4)))))
-                if path.hasSuffix(suffix) { out.append(.write(offset: offset, data: bytes)) }
-            } else if path.hasSuffix(suffix) {
-                out.append(.sync)
+        try PowerLossTests.parseLog(data).compactMap { record in
+            switch record {
+            case let .write(path, offset, bytes): return path.hasSuffix(suffix) ? .write(offset: offset, data: bytes) : nil
+            case let .sync(path): return path.hasSuffix(suffix) ? .sync : nil
             }
         }
-        return out
     }
 
     static let layouts = ["lazy_refcounts=on,cluster_size=4096", "cluster_size=512", "cluster_size=65536,extended_l2=on"]
