@@ -1064,10 +1064,13 @@ final class ImageWriter: @unchecked Sendable {
                     throw QCOW2Error.io(path: layer.path, operation: "preallocation", errno: 28)
                 }
                 let dataStart = start * cs, dataEnd = (start + clusters) * cs
+                // Like QEMU's truncate with preallocation, fill from the old end of the file
+                // (which may end inside the L1 cluster) to the end of the data area.
+                let fillFrom = min(try file.size(), dataStart)
                 if mode == "full" {
-                    try writeZeros(file, from: dataStart, to: dataEnd)
+                    try writeZeros(file, from: fillFrom, to: dataEnd)
                 } else {
-                    try file.preallocate(at: dataStart, length: dataEnd - dataStart)
+                    try file.preallocate(at: fillFrom, length: dataEnd - fillFrom)
                 }
                 bumpFileEnd(dataEnd)
                 var guest: UInt64 = 0
