@@ -53,6 +53,61 @@ struct ConcurrencyTests {
             }
         }
     }
+
+    /// Readers racing an allocating writer: with 512 B clusters every region of the chain
+    /// index (64 KiB) is new to both sides, so a reader resolves the region the writer is
+    /// allocating an L2 table in at that moment. A read must never fail (a reader once saw
+    /// the new L1 entry before the layer's file end covered the new table, and failed
+    /// with "lies beyond the end of the file") and must see each byte old or new.
+    @Test("readers racing allocating writers never fail and see old or new bytes")
+    func readersRaceAllocatingWriters() async throws {
+        try await withTempDir("race") { dir in
+            _ = try await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "race.qcow2", "256M"], cwd: dir)
+            let disk = try DiskImage.open(path: dir + "/race.qcow2", options: OpenOptions(writable: true))
+            let region: UInt64 = 64 << 10
+            let regions = 4096
+            let failures = FailureBox()
+            let target = SharedCounter()
+            DispatchQueue.concurrentPerform(iterations: 3) { t in
+                if t == 0 {
+                    let buffer = [UInt8](repeating: 0xA5, count: 4096)
+                    for k in 0..<regions {
+                        target.set(k)
+                        do {
+                            try buffer.withUnsafeBytes { try disk.write(at: UInt64(k) * region, from: $0) }
+                            if k % 512 == 511 { try disk.flush() }
+                        } catch { failures.add("writer: \(error)") }
+                    }
+                    target.set(-1)
+                } else {
+                    var readBack = [UInt8](repeating: 0, count: Int(region))
+                    var k = target.value
+                    while k >= 0 {
+                        do {
+                            try readBack.withUnsafeMutableBytes { try disk.read(at: UInt64(k) * region, into: $0) }
+                            if let bad = readBack.first(where: { $0 != 0 && $0 != 0xA5 }) {
+                                failures.add("reader \(t): foreign byte \(bad) in region \(k)")
+                            }
+                        } catch { failures.add("reader \(t): \(error)") }
+                        k = target.value
+                    }
+                }
+            }
+            try disk.close()
+            let messages = failures.messages
+            #expect(messages.count == 0, "\(messages.count) failures: \(messages.prefix(3))")
+            let check = try await run("qemu-img", ["check", "race.qcow2"], cwd: dir, timeout: 60)
+            #expect(check.status == 0, "qemu-img check after the race: \(check.stdout)\(check.stderr)")
+        }
+    }
+}
+
+/// An integer one thread publishes and others poll.
+final class SharedCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var current = 0
+    func set(_ v: Int) { lock.lock(); current = v; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return current }
 }
 
 /// Collects failure messages from several threads.

@@ -149,9 +149,11 @@ final class ImageWriter: @unchecked Sendable {
         layer.dirtyL2.withLock { $0[newOffset] = table }
         dirtyTables.insert(newOffset)
         l2Tables.insert(newOffset)
+        // The file end must cover the table before the L1 entry publishes it: a concurrent
+        // reader that sees the new entry checks the offset against the file end.
+        bumpFileEnd(newOffset + cs)
         layer.l1.withLock { $0[l1i] = L1Entry(l2Offset: newOffset, copied: true).rawValue }
         dirtyL1.insert(l1i)
-        bumpFileEnd(newOffset + cs)
         return newOffset
     }
 
