@@ -134,9 +134,29 @@ final class ChainIndex: Sendable {
         var result: [ChainExtent] = []
         var pending: [Range<UInt64>] = [start..<end]
         var pieces: [LayerPiece] = []
+        // Deeper down, the pending ranges fragment; lower qcow2 layers with the top's
+        // cluster size then work on a bitmap of pending clusters instead (PendingClusters).
+        var bitmap: PendingClusters?
+        var scratch: [UInt8] = []
         for (i, layer) in layers.enumerated() {
-            if pending.isEmpty { break }
             let depth = Int32(i)
+            if case let .qcow2(l) = layer, i > 0 {
+                if bitmap == nil, pending.count > 1, l.geometry.clusterBits >= 9 {
+                    bitmap = PendingClusters(ranges: pending, start: start & ~(l.geometry.clusterSize - 1), end: end,
+                                             clusterBits: l.geometry.clusterBits)
+                }
+                if var b = bitmap, l.canClaim(b) {
+                    try l.claim(&b, depth: depth, files: files, scratch: &scratch, into: &result)
+                    if b.isEmpty { bitmap = nil; pending = []; break }
+                    bitmap = b
+                    continue
+                }
+            }
+            if let b = bitmap {
+                pending = b.ranges()
+                bitmap = nil
+            }
+            if pending.isEmpty { break }
             // The part of a range past a (shorter) backing file reads as zeros; QEMU reports
             // it as not present, at the depth of the layer above.
             let size = layer.virtualSize
@@ -170,6 +190,7 @@ final class ChainIndex: Sendable {
             }
             pending = next
         }
+        if let b = bitmap { pending = b.ranges() }
         let lastDepth = Int32(layers.count - 1)
         for p in pending {
             result.append(ChainExtent(piece: LayerPiece(start: p.lowerBound, length: p.upperBound - p.lowerBound, kind: .unallocated,

@@ -233,12 +233,7 @@ final class QCOW2Layer: Sendable {
                 pos = l2End
                 continue
             }
-            guard g.offsetInCluster(l2Offset) == 0 else {
-                throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) unaligned (L1 index \(l1i))")
-            }
-            guard l2Offset < fileEnd.load(ordering: .relaxed) else {
-                throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) (L1 index \(l1i)) lies beyond the end of the file")
-            }
+            try checkL2Offset(l2Offset, l1Index: l1i)
             while pos < l2End {
                 let l2i = g.l2Index(pos)
                 if !run.covers(l2Offset, l2i) {
@@ -279,6 +274,81 @@ final class QCOW2Layer: Sendable {
                     }
                 }
             }
+        }
+    }
+
+    /// Rejects an L2 table offset that is unaligned or past the end of the file.
+    private func checkL2Offset(_ l2Offset: UInt64, l1Index l1i: UInt64) throws {
+        guard geometry.offsetInCluster(l2Offset) == 0 else {
+            throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) unaligned (L1 index \(l1i))")
+        }
+        guard l2Offset < fileEnd.load(ordering: .relaxed) else {
+            throw QCOW2Error.corrupt(path: path, "L2 table offset 0x\(String(l2Offset, radix: 16)) (L1 index \(l1i)) lies beyond the end of the file")
+        }
+    }
+
+    /// Whether `claim(_:depth:files:into:)` can serve this layer for `pending`: a read-only
+    /// lower layer with the same cluster size, standard L2 entries, covering the range.
+    func canClaim(_ pending: PendingClusters) -> Bool {
+        index != 0 && !geometry.extendedL2 && geometry.clusterBits == pending.clusterBits && pending.end <= virtualSize
+    }
+
+    /// The bitmap form of `map(ranges:)` for deep chains: appends the pieces of the pending
+    /// clusters this layer allocates to `result` (at `depth`) and clears their bits. Per L2
+    /// table it reads the entries between the first and last pending cluster with one
+    /// `pread` and decodes only the non-zero ones.
+    func claim(_ pending: inout PendingClusters, depth: Int32, files: OpenFileCache, scratch: inout [UInt8],
+               into result: inout [ChainExtent]) throws {
+        let g = geometry
+        var pieces: [LayerPiece] = []
+        var c = 0
+        while c < pending.count {
+            let (guest, _) = pending.guestRange(c)
+            let l2i = Int(g.l2Index(guest))
+            let tableEnd = min(pending.count, c + Int(g.l2Entries) - l2i)
+            defer { c = tableEnd }
+            guard let (lo, hi) = pending.bounds(in: c, tableEnd) else { continue }
+            let l1i = g.l1Index(guest)
+            let l1Raw = l1.withLock { l1i < UInt64($0.count) ? $0[Int(l1i)] : 0 }
+            let l2Offset = L1Entry(rawValue: l1Raw).l2Offset
+            if l2Offset == 0 { continue }
+            try checkL2Offset(l2Offset, l1Index: l1i)
+            let firstIndex = UInt64(l2i + (lo - c))
+            let byteCount = (hi - lo + 1) * 8
+            if scratch.count < byteCount { scratch = [UInt8](repeating: 0, count: Int(g.l2Entries) * 8) }
+            let file = try files.handle(FileKey(layer: index, dataFile: false))
+            try scratch.withUnsafeMutableBytes { raw in
+                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<byteCount]), at: l2Offset + firstIndex * 8)
+            }
+            // Walk the pending bits directly (no closure: this loop runs for every pending
+            // cluster of every layer) and decode only non-zero entries.
+            var words = pending.words
+            try scratch.withUnsafeBytes { raw in
+                for w in (lo >> 6)...(hi >> 6) {
+                    guard words[w] != 0 else { continue }
+                    // Mask of the non-zero entries among this word's 64 clusters (those
+                    // outside lo...hi were not read and stay 0); branch-free, so it vectorizes.
+                    let jStart = max(lo - w << 6, 0), jEnd = min(hi - w << 6 + 1, 64)
+                    var nonZero: UInt64 = 0
+                    for j in jStart..<jEnd {
+                        let v = raw.loadUnaligned(fromByteOffset: (w << 6 + j - lo) * 8, as: UInt64.self)
+                        nonZero |= UInt64(v != 0 ? 1 : 0) << UInt64(j)
+                    }
+                    var bits = words[w] & nonZero
+                    while bits != 0 {
+                        let cl = w << 6 + bits.trailingZeroBitCount
+                        bits &= bits - 1
+                        let at = (cl - lo) * 8
+                        let (from, to) = pending.guestRange(cl)
+                        pieces.removeAll(keepingCapacity: true)
+                        try appendCluster(L2Entry(rawValue: loadBE64(raw, at)), clusterStart: from, from: from, to: to, into: &pieces)
+                        guard let piece = pieces.first, piece.kind != .unallocated else { continue }
+                        result.append(ChainExtent(piece: piece, depth: depth))
+                        words[w] &= ~(1 << UInt64(cl & 63))
+                    }
+                }
+            }
+            pending.words = words
         }
     }
 
