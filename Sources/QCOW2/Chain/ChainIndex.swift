@@ -137,7 +137,7 @@ final class ChainIndex: Sendable {
         // Deeper down, the pending ranges fragment; lower qcow2 layers with the top's
         // cluster size then work on a bitmap of pending clusters instead (PendingClusters).
         var bitmap: PendingClusters?
-        var scratch: [UInt8] = []
+        var scratch: [UInt64] = []
         for (i, layer) in layers.enumerated() {
             let depth = Int32(i)
             if case let .qcow2(l) = layer, i > 0 {

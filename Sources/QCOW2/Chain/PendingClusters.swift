@@ -58,14 +58,19 @@ struct PendingClusters {
         }
     }
 
-    /// First and last pending cluster in `first..<last`, if any.
+    /// First and last pending cluster in `first..<last`, if any (word by word).
     func bounds(in first: Int, _ last: Int) -> (Int, Int)? {
-        var lo: Int?, hi = 0
-        forEach(in: first, last) { c in
-            if lo == nil { lo = c }
-            hi = c
+        guard first < last else { return nil }
+        let fw = first >> 6, lw = (last - 1) >> 6
+        func masked(_ w: Int) -> UInt64 {
+            var bits = words[w]
+            if w == fw { bits &= ~0 << UInt64(first & 63) }
+            if w == lw, (last - 1) & 63 < 63 { bits &= (1 << UInt64((last - 1) & 63 + 1)) - 1 }
+            return bits
         }
-        return lo.map { ($0, hi) }
+        guard let lo = (fw...lw).first(where: { masked($0) != 0 }) else { return nil }
+        let hi = (lo...lw).last(where: { masked($0) != 0 }) ?? lo
+        return (lo << 6 + masked(lo).trailingZeroBitCount, hi << 6 + 63 - masked(hi).leadingZeroBitCount)
     }
 
     /// Guest offset of cluster `c`, and the end of its range (clamped to `end`).

@@ -297,7 +297,7 @@ final class QCOW2Layer: Sendable {
     /// clusters this layer allocates to `result` (at `depth`) and clears their bits. Per L2
     /// table it reads the entries between the first and last pending cluster with one
     /// `pread` and decodes only the non-zero ones.
-    func claim(_ pending: inout PendingClusters, depth: Int32, files: OpenFileCache, scratch: inout [UInt8],
+    func claim(_ pending: inout PendingClusters, depth: Int32, files: OpenFileCache, scratch: inout [UInt64],
                into result: inout [ChainExtent]) throws {
         let g = geometry
         var pieces: [LayerPiece] = []
@@ -314,37 +314,41 @@ final class QCOW2Layer: Sendable {
             if l2Offset == 0 { continue }
             try checkL2Offset(l2Offset, l1Index: l1i)
             let firstIndex = UInt64(l2i + (lo - c))
-            let byteCount = (hi - lo + 1) * 8
-            if scratch.count < byteCount { scratch = [UInt8](repeating: 0, count: Int(g.l2Entries) * 8) }
+            let count = hi - lo + 1
+            if scratch.count < count { scratch = [UInt64](repeating: 0, count: Int(g.l2Entries)) }
             let file = try files.handle(FileKey(layer: index, dataFile: false))
             try scratch.withUnsafeMutableBytes { raw in
-                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<byteCount]), at: l2Offset + firstIndex * 8)
+                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<count * 8]), at: l2Offset + firstIndex * 8)
             }
             // Walk the pending bits directly (no closure: this loop runs for every pending
-            // cluster of every layer) and decode only non-zero entries.
+            // cluster of every layer) and decode only non-zero entries. Entries stay
+            // big-endian: only zero / non-zero matters until one is decoded.
             var words = pending.words
-            try scratch.withUnsafeBytes { raw in
+            try scratch.withUnsafeBufferPointer { entries in
+                guard let base = entries.baseAddress else { return }
                 for w in (lo >> 6)...(hi >> 6) {
                     guard words[w] != 0 else { continue }
-                    // Mask of the non-zero entries among this word's 64 clusters (those
-                    // outside lo...hi were not read and stay 0); branch-free, so it vectorizes.
+                    // The entries of this word's clusters that were read (lo...hi).
                     let jStart = max(lo - w << 6, 0), jEnd = min(hi - w << 6 + 1, 64)
+                    let q = base + (w << 6 - lo)
+                    // Deep layers hold few clusters: most words are all zero (an OR that
+                    // vectorizes); only the others get a per-entry mask.
+                    var any: UInt64 = 0
+                    for j in jStart..<jEnd { any |= q[j] }
+                    guard any != 0 else { continue }
                     var nonZero: UInt64 = 0
-                    for j in jStart..<jEnd {
-                        let v = raw.loadUnaligned(fromByteOffset: (w << 6 + j - lo) * 8, as: UInt64.self)
-                        nonZero |= UInt64(v != 0 ? 1 : 0) << UInt64(j)
-                    }
+                    for j in jStart..<jEnd where q[j] != 0 { nonZero |= 1 << UInt64(j) }
                     var bits = words[w] & nonZero
                     while bits != 0 {
-                        let cl = w << 6 + bits.trailingZeroBitCount
+                        let j = bits.trailingZeroBitCount
                         bits &= bits - 1
-                        let at = (cl - lo) * 8
+                        let cl = w << 6 + j
                         let (from, to) = pending.guestRange(cl)
                         pieces.removeAll(keepingCapacity: true)
-                        try appendCluster(L2Entry(rawValue: loadBE64(raw, at)), clusterStart: from, from: from, to: to, into: &pieces)
+                        try appendCluster(L2Entry(rawValue: UInt64(bigEndian: q[j])), clusterStart: from, from: from, to: to, into: &pieces)
                         guard let piece = pieces.first, piece.kind != .unallocated else { continue }
                         result.append(ChainExtent(piece: piece, depth: depth))
-                        words[w] &= ~(1 << UInt64(cl & 63))
+                        words[w] &= ~(1 << UInt64(j))
                     }
                 }
             }
