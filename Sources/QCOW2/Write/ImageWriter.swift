@@ -1118,7 +1118,11 @@ final class ImageWriter: @unchecked Sendable {
     /// needed, and truncates the file after the last used cluster. The image must be
     /// reopened to see the new size.
     func resize(to newSize: UInt64, allowShrink: Bool) throws {
-        try lock.withLock {
+        try lock.withLock { try resizeLocked(to: newSize, allowShrink: allowShrink) }
+    }
+
+    /// `resize` with the writer's lock held (also used by snapshot apply).
+    func resizeLocked(to newSize: UInt64, allowShrink: Bool) throws {
             try ensureWritable()
             try flushLocked()
             let old = image.header.size
@@ -1162,6 +1166,8 @@ final class ImageWriter: @unchecked Sendable {
                     pendingFrees.append((e.l2Offset, cs, true))
                 }
                 try flushLocked()
+                try syncWithRefcounts()
+                try refcounts.shrinkTable()
             } else if needed > UInt64(image.header.l1Size) {
                 try growActiveL1(to: UInt32(needed))
             }
@@ -1170,10 +1176,12 @@ final class ImageWriter: @unchecked Sendable {
             try dataFile?.truncate(to: newSize)
             try syncWithRefcounts()
             if newSize < old {
-                let end = try refcounts.lastUsedCluster(below: (try file.size() + cs - 1) / cs)
-                try file.truncate(to: (end + 1) * cs)
+                // Only ever shorten: the last used cluster may be a partly written snapshot
+                // table that ends before its cluster does (QEMU leaves such a file as is).
+                let fileSize = try file.size()
+                let end = try refcounts.lastUsedCluster(below: (fileSize + cs - 1) / cs)
+                if (end + 1) * cs < fileSize { try file.truncate(to: (end + 1) * cs) }
             }
-        }
     }
 
     // MARK: Flush

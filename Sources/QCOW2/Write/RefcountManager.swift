@@ -365,6 +365,36 @@ final class RefcountManager {
         return offset
     }
 
+    /// QEMU's `qcow2_shrink_reftable` (after a shrink): refcount blocks that count nothing
+    /// but themselves are unlinked from the table (written and synced) and then freed.
+    func shrinkTable() throws {
+        var newTable = table
+        for i in table.indices where table[i] != 0 {
+            let offset = table[i], own = offset / clusterSize
+            var b = try block(at: offset)
+            if own / entriesPerBlock == UInt64(i) {
+                b.withUnsafeMutableBytes { codec.set($0, Int(own % entriesPerBlock), 0) }
+            }
+            if !b.contains(where: { $0 != 0 }) { newTable[i] = 0 }
+        }
+        guard newTable != table else { return }
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(table.count * 8)
+        for e in newTable { bytes.appendBE(e) }
+        try file.write(bytes, at: tableOffset)
+        try file.sync()
+        for i in table.indices where table[i] != 0 && newTable[i] == 0 {
+            let offset = table[i]
+            // Freed while the table still points at the block (its own count may be in it);
+            // then the block is dropped from the cache, as QEMU discards it.
+            try update(offset, clusterSize, addend: 1, decrease: true)
+            table[i] = 0
+            blocks.removeValue(forKey: offset)
+            dirtyBlocks.remove(offset)
+            blockOffsets.remove(offset)
+        }
+    }
+
     /// The highest cluster index below `limit` with a non-zero refcount.
     func lastUsedCluster(below limit: UInt64) throws -> UInt64 {
         var c = limit

@@ -69,6 +69,12 @@ extension ImageWriter {
             guard sn.l1TableOffset % cs == 0, UInt64(sn.l1Size) <= QCOW2Limits.maxL1Entries else {
                 throw QCOW2Error.corrupt(path: layer.path, "snapshot '\(key)' has an invalid L1 table")
             }
+            // As QEMU: first resize the active state to the snapshot's size (shrinking
+            // discards past the new end, copying L2 tables shared with snapshots), then
+            // switch the L1 table.
+            if let size = sn.diskSize, size != currentImage.header.size {
+                try resizeLocked(to: size, allowShrink: true)
+            }
             let snL1 = try readL1(offset: sn.l1TableOffset, size: sn.l1Size)
             var h = currentImage.header
             if sn.l1Size > h.l1Size { try growActiveL1(to: sn.l1Size) }
