@@ -828,7 +828,7 @@ final class ImageWriter: @unchecked Sendable {
                 guard bits > 0, bits <= 64, bits.nonzeroBitCount == 1 else {
                     throw QCOW2Error.invalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
                 }
-                guard target >= 3 else {
+                guard target >= 3 || bits == 16 else {
                     throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
                 }
                 try flushLocked()
@@ -853,34 +853,28 @@ final class ImageWriter: @unchecked Sendable {
         guard h.compressionType == .deflate else {
             throw QCOW2Error.invalidArgument("Cannot downgrade an image with a compression type other than zlib")
         }
-        guard h.nbSnapshots == 0 else {
-            throw QCOW2Error.unsupported(path: layer.path, "downgrading an image with internal snapshots is not supported")
-        }
-        // Expand zero clusters of the active table.
+        // QEMU's qcow2_expand_zero_clusters: the active L2 tables are changed in place, also
+        // those shared with snapshots (new clusters then get the table's refcount), then
+        // every snapshot's tables on disk; tables already expanded have nothing left to do.
         let l1Count = layer.l1.withLock { $0.count }
-        for l1i in 0..<l1Count where L1Entry(rawValue: layer.l1.withLock { $0[l1i] }).l2Offset != 0 {
-            let table = try writableTable(l1i)
+        for l1i in 0..<l1Count {
+            let l2 = L1Entry(rawValue: layer.l1.withLock { $0[l1i] }).l2Offset
+            guard l2 != 0 else { continue }
+            try loadTable(l2)
+            let l2Refcount = try refcounts.refcount(ofCluster: l2 / cs)
             for index in 0..<Int(g.l2Entries) {
-                let e = entry(table, index)
                 let guest = (UInt64(l1i) << UInt64(g.clusterBits + g.l2EntriesBits)) + UInt64(index) * cs
-                guard guest < virtualSize else { break }
-                switch try kind(of: e, at: guest) {
-                case .zeroPlain where !hasBacking:
-                    setEntry(table, index, L2Entry(rawValue: 0))
-                case .zeroPlain:
-                    let host = try refcounts.allocate(clusters: 1)
-                    try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
-                    bumpFileEnd(host + cs)
-                    setEntry(table, index, L2Entry(rawValue: host | L2Entry.copiedFlag))
-                case let .zeroAllocated(host):
-                    try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
-                    setEntry(table, index, L2Entry(rawValue: host | (e.rawValue & L2Entry.copiedFlag)))
-                default:
-                    break
+                if let expanded = try expandedZeroEntry(entry(l2, index), at: guest, l2Refcount: l2Refcount) {
+                    setEntry(l2, index, expanded.entry)
+                    if let r = expanded.release {
+                        for _ in 0..<r.count { pendingFrees.append((r.cluster * cs, cs, false)) }
+                    }
                 }
             }
             try flushIfOverBudget()
         }
+        try flushLocked()
+        try expandZeroClustersInSnapshots()
         invalidate(0, virtualSize)
         try rewriteHeader { img in
             img.header.version = 2
@@ -890,6 +884,41 @@ final class ImageWriter: @unchecked Sendable {
             img.header.autoclearFeatures = []
             img.header.unknownTrailingFields = []
             img.extensions.removeAll { $0.type == HeaderExtension.featureNameTableType }
+        }
+    }
+
+    /// The v2 form of a zero cluster for a downgrade (QEMU's expand_zero_clusters_in_l1), or
+    /// nil if `e` is not one, with the data cluster whose references the caller must drop
+    /// once the table is durable. Without a backing file a plain zero cluster becomes
+    /// unallocated; otherwise it gets a new cluster of zeros, counted once per reference to
+    /// its L2 table (`l2Refcount`). A preallocated zero cluster is zeroed in place, unless
+    /// another table shares it: QEMU 7.2 zeroes it anyway, which destroys a snapshot's data
+    /// and leaves a copied flag on a shared cluster; here the table gets its own cluster.
+    func expandedZeroEntry(_ e: L2Entry, at guest: UInt64, l2Refcount: UInt64) throws
+        -> (entry: L2Entry, release: (cluster: UInt64, count: UInt64)?)?
+    {
+        func freshZeroCluster() throws -> L2Entry {
+            let host = try refcounts.allocate(clusters: 1)
+            if l2Refcount > 1 { try refcounts.increment(cluster: host / cs, by: Int64(l2Refcount - 1)) }
+            try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+            bumpFileEnd(host + cs)
+            return L2Entry(rawValue: host | (l2Refcount == 1 ? L2Entry.copiedFlag : 0))
+        }
+        switch try kind(of: e, at: guest) {
+        case .zeroPlain where !hasBacking:
+            return (L2Entry(rawValue: 0), nil)
+        case .zeroPlain:
+            return (try freshZeroCluster(), nil)
+        case let .zeroAllocated(host):
+            let dataRefcount = try refcounts.refcount(ofCluster: host / cs)
+            if dataRefcount > l2Refcount {
+                let entry = hasBacking ? try freshZeroCluster() : L2Entry(rawValue: 0)
+                return (entry, (host / cs, l2Refcount))
+            }
+            try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+            return (L2Entry(rawValue: host | (dataRefcount == 1 ? L2Entry.copiedFlag : 0)), nil)
+        default:
+            return nil
         }
     }
 

@@ -130,6 +130,48 @@ extension ImageWriter {
         }
     }
 
+    /// The snapshot half of a downgrade to v2: zero clusters in every snapshot's L2 tables
+    /// are expanded on disk (QEMU's qcow2_expand_zero_clusters after the active tables).
+    func expandZeroClustersInSnapshots() throws {
+        let g = geometry
+        for sn in try loadSnapshots() {
+            guard sn.l1TableOffset % cs == 0, UInt64(sn.l1Size) <= QCOW2Limits.maxL1Entries else {
+                throw QCOW2Error.corrupt(path: layer.path, "snapshot '\(sn.name)' has an invalid L1 table")
+            }
+            for (l1i, raw) in try readL1(offset: sn.l1TableOffset, size: sn.l1Size).enumerated() {
+                let l2 = L1Entry(rawValue: raw).l2Offset
+                guard l2 != 0 else { continue }
+                guard l2 % cs == 0 else {
+                    throw QCOW2Error.corrupt(path: layer.path, "snapshot '\(sn.name)': L2 table offset 0x\(String(l2, radix: 16)) unaligned")
+                }
+                var table = try file.read(count: Int(cs), at: l2)
+                let l2Refcount = try refcountOf(l2 / cs)
+                var changed = false
+                var releases: [(cluster: UInt64, count: UInt64)] = []
+                for index in 0..<Int(g.l2Entries) {
+                    let e = table.withUnsafeBytes { L2Entry(rawValue: loadBE64($0, index * 8)) }
+                    guard e.rawValue != 0 else { continue }
+                    let guest = (UInt64(l1i) << UInt64(g.clusterBits + g.l2EntriesBits)) + UInt64(index) * cs
+                    guard let expanded = try expandedZeroEntry(e, at: guest, l2Refcount: l2Refcount) else { continue }
+                    table.withUnsafeMutableBytes { $0.storeBytes(of: expanded.entry.rawValue.bigEndian, toByteOffset: index * 8, as: UInt64.self) }
+                    if let r = expanded.release { releases.append(r) }
+                    changed = true
+                }
+                guard changed else { continue }
+                // New clusters' refcounts and their zeros reach the disk before the table
+                // does; references the table dropped are released only after it is durable.
+                try syncFile()
+                try file.write(table, at: l2)
+                l2Cache.invalidate(layer: layer.index, table: l2, tableSize: cs)
+                if !releases.isEmpty {
+                    try syncFile()
+                    for r in releases { try adjustRefcount(r.cluster, by: -Int64(r.count)) }
+                }
+            }
+        }
+        try syncFile()
+    }
+
     // MARK: Helpers
 
     private func readL1(offset: UInt64, size: UInt32) throws -> [UInt64] {
