@@ -56,6 +56,15 @@ extension OpsAmendCase {
     static let all: [OpsAmendCase] = [
         OpsAmendCase(name: "with snapshots and a backing file: downgrade to compat=0.10", build: withSnapshotAndBacking,
                      steps: ["compat=0.10"]),
+        OpsAmendCase(name: "refused: downgrade with extended L2", build: plain("extended_l2=on"), steps: ["compat=0.10"]),
+        OpsAmendCase(name: "refused: downgrade with zstd compressed clusters", build: plain("compression_type=zstd"), steps: ["compat=0.10"]),
+        OpsAmendCase(name: "downgrade a zstd image without compressed clusters", build: { b in
+            try await b.create("img.qcow2", size: "4M", options: "compression_type=zstd")
+            try await b.io("img.qcow2", ["write -P 0x11 0 1M", "write -z 2M 64k"])
+        }, steps: ["compat=0.10"]),
+        OpsAmendCase(name: "refused: downgrade with 8-bit refcounts", build: plain("refcount_bits=8"), steps: ["compat=0.10"]),
+        OpsAmendCase(name: "downgrade with 8-bit refcounts and refcount_bits=16 in one amend", build: plain("refcount_bits=8"),
+                     steps: ["compat=0.10,refcount_bits=16"]),
         OpsAmendCase(name: "downgrade to compat=0.10 (zero clusters, no backing)", build: plain(), steps: ["compat=0.10"]),
         OpsAmendCase(name: "downgrade to compat=0.10 with a backing file (zero clusters must stay zero)", build: withBacking,
                      steps: ["compat=0.10"]),

@@ -132,10 +132,10 @@ extension CreateOptions {
             throw QCOW2Error.invalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
         }
         if version == 2 {
-            if o.lazyRefcounts { throw QCOW2Error.invalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.refcountBits != 16 { throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)") }
-            if o.extendedL2 { throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)") }
-            if o.compressionType != .deflate { throw QCOW2Error.invalidArgument("Compression type other than zlib requires compatibility level 1.1 or above (use compat=1.1 or greater)") }
+            if o.lazyRefcounts { throw QCOW2Error.invalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
+            if o.refcountBits != 16 { throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)") }
+            if o.extendedL2 { throw QCOW2Error.invalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
+            if o.compressionType != .deflate { throw QCOW2Error.invalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
             if o.dataFile != nil { throw QCOW2Error.invalidArgument("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)") }
         }
         if o.extendedL2 && clusterBits < QCOW2Limits.minClusterBitsExtendedL2 {

@@ -829,7 +829,7 @@ final class ImageWriter: @unchecked Sendable {
                     throw QCOW2Error.invalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
                 }
                 guard target >= 3 || bits == 16 else {
-                    throw QCOW2Error.invalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
+                    throw QCOW2Error.invalidArgument("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
                 }
                 try flushLocked()
                 var img = image
@@ -845,13 +845,21 @@ final class ImageWriter: @unchecked Sendable {
     /// header is rewritten as version 2.
     private func downgrade() throws {
         let h = image.header
-        guard h.refcountOrder == 4 else {
-            throw QCOW2Error.invalidArgument("Cannot downgrade an image with a refcount width other than 16 bits")
-        }
-        guard !h.hasExtendedL2 else { throw QCOW2Error.invalidArgument("Cannot downgrade an image with extended L2 entries") }
+        // QEMU's checks, in its order and words.
+        guard h.refcountOrder == 4 else { throw QCOW2Error.invalidArgument("compat=0.10 requires refcount_bits=16") }
         guard !h.hasExternalDataFile else { throw QCOW2Error.invalidArgument("Cannot downgrade an image with a data file") }
-        guard h.compressionType == .deflate else {
-            throw QCOW2Error.invalidArgument("Cannot downgrade an image with a compression type other than zlib")
+        let features = h.incompatibleFeatures.subtracting(.dirty)  // refcounts are consistent once open
+        guard features.subtracting(.compressionType).isEmpty else {
+            throw QCOW2Error.invalidArgument("Cannot downgrade an image with incompatible features 0x\(String(features.rawValue, radix: 16)) set")
+        }
+        // v2 knows only zlib: a zstd image may be downgraded only while nothing is compressed.
+        // Checked before anything changes (QEMU checks after expanding zero clusters, and
+        // looks at the active state only; snapshots are checked here too).
+        if h.compressionType != .deflate {
+            try flushLocked()
+            if try hasCompressedClusters() {
+                throw QCOW2Error.invalidArgument("Cannot downgrade an image with zstd compression type and existing compressed clusters")
+            }
         }
         // QEMU's qcow2_expand_zero_clusters: the active L2 tables are changed in place, also
         // those shared with snapshots (new clusters then get the table's refcount), then
@@ -877,6 +885,7 @@ final class ImageWriter: @unchecked Sendable {
         try expandZeroClustersInSnapshots()
         invalidate(0, virtualSize)
         try rewriteHeader { img in
+            img.header.compressionType = .deflate
             img.header.version = 2
             img.header.headerLength = UInt32(QCOW2Header.v2Length)
             img.header.incompatibleFeatures = []

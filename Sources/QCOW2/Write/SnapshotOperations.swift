@@ -172,6 +172,27 @@ extension ImageWriter {
         try syncFile()
     }
 
+    /// Whether the active tree or any snapshot's tree references a compressed cluster.
+    func hasCompressedClusters() throws -> Bool {
+        let h = currentImage.header
+        var tables = [try readL1(offset: h.l1TableOffset, size: h.l1Size)]
+        for sn in try loadSnapshots() where sn.l1TableOffset % cs == 0 && UInt64(sn.l1Size) <= QCOW2Limits.maxL1Entries {
+            tables.append(try readL1(offset: sn.l1TableOffset, size: sn.l1Size))
+        }
+        for l1 in tables {
+            for raw in l1 {
+                let l2 = L1Entry(rawValue: raw).l2Offset
+                guard l2 != 0, l2 % cs == 0 else { continue }
+                var found = false
+                try forEachEntry(ofTable: l2) { _, _, kind in
+                    if case .compressed = kind { found = true }
+                }
+                if found { return true }
+            }
+        }
+        return false
+    }
+
     // MARK: Helpers
 
     private func readL1(offset: UInt64, size: UInt32) throws -> [UInt64] {
