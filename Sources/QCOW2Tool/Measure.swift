@@ -19,7 +19,12 @@ struct MeasureCommand: ParsableCommand {
             o.backingFile = backing
             let source = try path.map { try DiskImage.open(path: $0, options: OpenOptions(format: format)) }
             let sizeValue = try size.map { s -> UInt64 in
-                guard let v = parseSize(s) else { throw ValidationError("Invalid image size specified") }
+                guard let v = parseSize(s) else {
+                    throw ValidationError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+                }
+                guard v <= UInt64(Int64.max) else {
+                    throw ValidationError("Invalid image size specified. Must be between 0 and 9223372036854775807.")
+                }
                 return v
             }
             let r = try Measure.measure(source: source, size: sizeValue, format: outputFormat, options: o)

@@ -117,11 +117,30 @@ struct OpsMeasureTests {
         "compat=0.10", "preallocation=full", "preallocation=metadata",
     ]
 
-    @Test("image sources: same output as qemu-img measure", .disabled("known gap: two sources (compressed then data; holes) differ by a few clusters from qemu-img measure"), arguments: 0..<sources.count)
+    /// The source whose measure differs from qemu-img's for 512-byte and 4 KiB target
+    /// clusters (by the 28 KiB hole at the end of its last data cluster): QEMU's
+    /// metadata-preallocation heuristic fires on this sparse file and ours does not.
+    static let knownGapSource = 3
+
+    @Test("image sources: same output as qemu-img measure", arguments: (0..<sources.count).filter { $0 != knownGapSource })
     func byImage(_ index: Int) async throws {
+        try await measureSource(index)
+    }
+
+    @Test("compressed-then-data source: same output as qemu-img measure",
+          .disabled("known gap: for cluster_size=512/4k targets QEMU counts the data cluster's trailing file hole as zero (its metadata-preallocation heuristic fires on this sparse file, ours does not): 28 KiB less"))
+    func knownGap() async throws {
+        try await measureSource(Self.knownGapSource)
+    }
+
+    func measureSource(_ index: Int) async throws {
         let s = Self.sources[index]
         try await withTempDir("measure-img-\(index)") { dir in
             let src = try await s.build(ImageBuilder(dir: dir))
+            // Settle the file system first: right after qemu-io, a cluster's unwritten tail can
+            // still show as a hole to SEEK_HOLE and in st_blocks, which flips QEMU's
+            // metadata-preallocation heuristic (and so the measured size) between two runs.
+            _ = try await run("sync", [], cwd: dir)
             for json in [false, true] {
                 let out = json ? ["--output=json"] : []
                 try await opsExpectSameMeasure(out + src, cwd: dir)
@@ -133,7 +152,7 @@ struct OpsMeasureTests {
         }
     }
 
-    @Test("refused like qemu-img", .disabled("known gap: a few invalid measure requests (e.g. --size 8E) are refused with a different message or accepted"))
+    @Test("refused like qemu-img")
     func refused() async throws {
         try await withTempDir("measure-bad") { dir in
             let b = ImageBuilder(dir: dir)
