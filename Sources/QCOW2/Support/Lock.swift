@@ -8,11 +8,17 @@ import Darwin
 /// `Mutex<Value>`'s single-value ownership does not fit.
 final class Lock: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
-    init() { pthread_mutex_init(mutex, nil) }
+    init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(cond, nil)
+    }
 
     deinit {
+        pthread_cond_destroy(cond)
         pthread_mutex_destroy(mutex)
+        cond.deallocate()
         mutex.deallocate()
     }
 
@@ -21,6 +27,12 @@ final class Lock: @unchecked Sendable {
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
+
+    /// With the lock held: releases it until `broadcast`, then holds it again.
+    func wait() { pthread_cond_wait(cond, mutex) }
+
+    /// Wakes every thread in `wait`.
+    func broadcast() { pthread_cond_broadcast(cond) }
 }
 
 /// Counts operations in progress outside the metadata lock, so that the lock holder can

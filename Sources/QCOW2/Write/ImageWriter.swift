@@ -28,6 +28,11 @@ final class ImageWriter: @unchecked Sendable {
     /// In-place data writes running outside `lock`; drained before anything that could
     /// free or share their clusters (flush's frees, snapshots, resize).
     private let inFlight = InFlightCounter()
+    /// Guest clusters (indices) whose allocating write is filling new host clusters
+    /// outside `lock`. Anything else that would change their mapping waits for them
+    /// (QEMU's dependencies between overlapping allocations); whole-image operations wait
+    /// until none is left.
+    private var busyClusters: Set<UInt64> = []
     private var image: ImageHeader
     private var refcounts: RefcountManager
     private var dirtyL1: Set<Int> = []
@@ -266,25 +271,89 @@ final class ImageWriter: @unchecked Sendable {
             try writeData(data, at: host)
             return
         }
-        try lock.withLock {
-            try ensureWritable()
-            var pos = offset
-            let end = offset + UInt64(data.count)
-            var hostHint: UInt64?
-            while pos < end {
-                let rest = UnsafeRawBufferPointer(rebasing: data[Int(pos - offset)...])
+        let end = offset + UInt64(data.count)
+        var pos = offset
+        var hostHint: UInt64?
+        while pos < end {
+            let rest = UnsafeRawBufferPointer(rebasing: data[Int(pos - offset)...])
+            // Under the lock: write in place, or allocate new clusters and mark them busy.
+            let step: RunStep = try lock.withLock {
+                try ensureWritable()
+                waitForClusters(pos, end)
                 if g.extendedL2 {
                     let clusterStart = pos & ~(cs - 1)
                     let n = min(end, clusterStart + cs) - pos
                     try writeCluster(clusterStart, inCluster: pos - clusterStart, UnsafeRawBufferPointer(rebasing: rest[0..<Int(n)]))
-                    pos += n
-                } else {
-                    pos += try writeRun(at: pos, rest, hostHint: &hostHint)
+                    invalidate(pos, pos + n)
+                    try flushIfOverBudget()
+                    return .done(n)
                 }
+                return try planRun(at: pos, rest, hostHint: &hostHint)
             }
-            invalidate(offset, end)
-            try flushIfOverBudget()
+            switch step {
+            case let .done(n):
+                pos += n
+            case let .allocated(run):
+                // Outside the lock: copy-on-write reads and the data write, in parallel
+                // with other requests. Then link the new clusters under the lock.
+                do {
+                    try fill(run, rest)
+                } catch {
+                    lock.withLock {
+                        // Nothing points at the new clusters yet: give them back.
+                        if dataFile == nil { try? refcounts.release(offset: run.hostStart, length: run.count * cs) }
+                        finish(run)
+                    }
+                    throw error
+                }
+                try lock.withLock {
+                    defer { finish(run) }
+                    try link(run)
+                    invalidate(pos, pos + run.written)
+                    try flushIfOverBudget()
+                }
+                pos += run.written
+            }
         }
+    }
+
+    /// What the locked part of a guest write did.
+    private enum RunStep {
+        /// Written (in place, or with extended L2 entirely under the lock): byte count.
+        case done(UInt64)
+        /// New clusters allocated and marked busy: fill them, then `link`.
+        case allocated(AllocatedRun)
+    }
+
+    /// A run of new host clusters for guest clusters `clusterStart...`, being filled.
+    private struct AllocatedRun {
+        var offset: UInt64  // guest offset of the request's first byte in the run
+        var clusterStart: UInt64
+        var count: UInt64
+        var hostStart: UInt64
+        var written: UInt64
+        /// Whether the head / tail copy-on-write may read non-zero data.
+        var headReads: Bool
+        var tailReads: Bool
+    }
+
+    /// Waits (releasing the lock) until no allocating write is filling a cluster of
+    /// `[start, end)`.
+    private func waitForClusters(_ start: UInt64, _ end: UInt64) {
+        guard end > start else { return }
+        let first = start / cs, last = (end - 1) / cs
+        while busyClusters.contains(where: { $0 >= first && $0 <= last }) { lock.wait() }
+    }
+
+    /// Waits (releasing the lock) until no allocating write is in progress.
+    private func drainAllocations() {
+        while !busyClusters.isEmpty { lock.wait() }
+    }
+
+    private func finish(_ run: AllocatedRun) {
+        let first = run.clusterStart / cs
+        for c in first..<(first + run.count) { busyClusters.remove(c) }
+        lock.broadcast()
     }
 
     /// The host offset for an in-place write of `[offset, offset+count)` when it lies in
@@ -308,12 +377,12 @@ final class ImageWriter: @unchecked Sendable {
         image.header.compatibleFeatures.contains(.lazyRefcounts) && !setDirtyBit && image.header.version >= 3
     }
 
-    /// Standard L2 entries: writes as much of `data` (starting at guest `offset`) as one L2
-    /// slice allows, the way QEMU's `qcow2_alloc_host_offset` does: in place over clusters
-    /// this layer owns, or into one contiguous run of new clusters (continuing after the
-    /// previous run when possible) filled by copy-on-write at the head and tail.
-    /// Returns the number of bytes written.
-    private func writeRun(at offset: UInt64, _ data: UnsafeRawBufferPointer, hostHint: inout UInt64?) throws -> UInt64 {
+    /// Standard L2 entries: plans the write of as much of `data` (starting at guest
+    /// `offset`) as one L2 slice allows, the way QEMU's `qcow2_alloc_host_offset` does: in
+    /// place over a cluster this layer owns (done here), or into one contiguous run of new
+    /// clusters (continuing after the previous run when possible), which the caller fills
+    /// outside the lock (`fill`) and then links (`link`).
+    private func planRun(at offset: UInt64, _ data: UnsafeRawBufferPointer, hostHint: inout UInt64?) throws -> RunStep {
         let clusterStart = offset & ~(cs - 1)
         let inCluster = offset - clusterStart
         let table = try writableTable(Int(g.l1Index(clusterStart)))
@@ -331,7 +400,8 @@ final class ImageWriter: @unchecked Sendable {
             let n = min(UInt64(data.count), cs - inCluster)
             try writeData(UnsafeRawBufferPointer(rebasing: data[0..<Int(n)]), at: host + inCluster)
             hostHint = nil
-            return n
+            invalidate(offset, offset + n)
+            return .done(n)
         }
         // Clusters that need a new allocation, contiguous in guest space.
         var kinds = [firstKind]
@@ -351,46 +421,75 @@ final class ImageWriter: @unchecked Sendable {
         } else {
             hostStart = try refcounts.allocate(clusters: count)
         }
-        let runStart = clusterStart
-        let runEnd = min(runStart + count * cs, virtualSize)
-        let written = min(UInt64(data.count), runEnd - offset)
-        let headCOW = inCluster
-        let tailFrom = offset + written
-        if headCOW == 0 && tailFrom == runEnd {
-            try writeData(UnsafeRawBufferPointer(rebasing: data[0..<Int(written)]), at: hostStart)
-        } else {
-            let length = Int(runEnd - runStart)
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
-            defer { buffer.deallocate() }
-            // Copy-on-write reads are needed only where the old cluster (or the backing file)
-            // can hold non-zero data.
-            func readsZero(_ k: ClusterKind) -> Bool {
-                switch k {
-                case .zeroPlain, .zeroAllocated: return true
-                case .unallocated: return !hasBacking
-                default: return false
-                }
+        // Copy-on-write reads are needed only where the old cluster (or the backing file)
+        // can hold non-zero data.
+        func readsZero(_ k: ClusterKind) -> Bool {
+            switch k {
+            case .zeroPlain, .zeroAllocated: return true
+            case .unallocated: return !hasBacking
+            default: return false
             }
-            if headCOW > 0 {
-                let head = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(headCOW)])
-                if readsZero(kinds[0]) { head.initializeMemory(as: UInt8.self, repeating: 0) } else { try readGuest(runStart, head) }
-            }
-            if tailFrom < runEnd {
-                let tail = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(tailFrom - runStart)..<length])
-                if readsZero(kinds[Int(count) - 1]) { tail.initializeMemory(as: UInt8.self, repeating: 0) } else { try readGuest(tailFrom, tail) }
-            }
-            UnsafeMutableRawBufferPointer(rebasing: buffer[Int(headCOW)..<Int(headCOW + written)])
-                .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<Int(written)]))
-            try writeData(UnsafeRawBufferPointer(buffer), at: hostStart)
         }
-        for i in 0..<Int(count) {
-            let host = hostStart + UInt64(i) * cs
-            setEntry(table, index + i, L2Entry(rawValue: host | L2Entry.copiedFlag))
-            if case let .normal(h) = kinds[i], h == host { continue }
-            releaseOld(kinds[i], punch: false)
-        }
+        let runEnd = min(clusterStart + count * cs, virtualSize)
+        let run = AllocatedRun(offset: offset, clusterStart: clusterStart, count: count, hostStart: hostStart,
+                               written: min(UInt64(data.count), runEnd - offset),
+                               headReads: !readsZero(kinds[0]), tailReads: !readsZero(kinds[Int(count) - 1]))
         hostHint = dataFile == nil ? hostStart + count * cs : nil
-        return written
+        let firstIndex = clusterStart / cs
+        for c in firstIndex..<(firstIndex + count) { busyClusters.insert(c) }
+        return .allocated(run)
+    }
+
+    /// `planRun`, `fill` and `link` in one go, for callers that hold the lock throughout.
+    private func writeRunLocked(at offset: UInt64, _ data: UnsafeRawBufferPointer, hostHint: inout UInt64?) throws -> UInt64 {
+        switch try planRun(at: offset, data, hostHint: &hostHint) {
+        case let .done(n):
+            return n
+        case let .allocated(run):
+            defer { finish(run) }
+            try fill(run, data)
+            try link(run)
+            return run.written
+        }
+    }
+
+    /// Fills a run's new clusters (no lock held): the request's bytes, with the guest's
+    /// current content copied in around them (copy-on-write).
+    private func fill(_ run: AllocatedRun, _ data: UnsafeRawBufferPointer) throws {
+        let runEnd = min(run.clusterStart + run.count * cs, virtualSize)
+        let headCOW = run.offset - run.clusterStart
+        let tailFrom = run.offset + run.written
+        if headCOW == 0 && tailFrom == runEnd {
+            return try writeData(UnsafeRawBufferPointer(rebasing: data[0..<Int(run.written)]), at: run.hostStart)
+        }
+        let length = Int(runEnd - run.clusterStart)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
+        defer { buffer.deallocate() }
+        if headCOW > 0 {
+            let head = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(headCOW)])
+            if run.headReads { try readGuest(run.clusterStart, head) } else { head.initializeMemory(as: UInt8.self, repeating: 0) }
+        }
+        if tailFrom < runEnd {
+            let tail = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(tailFrom - run.clusterStart)..<length])
+            if run.tailReads { try readGuest(tailFrom, tail) } else { tail.initializeMemory(as: UInt8.self, repeating: 0) }
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[Int(headCOW)..<Int(headCOW + run.written)])
+            .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<Int(run.written)]))
+        try writeData(UnsafeRawBufferPointer(buffer), at: run.hostStart)
+    }
+
+    /// Points the run's guest clusters at their filled new clusters and releases what they
+    /// pointed at. The table is looked up again: another write may have copied it meanwhile.
+    private func link(_ run: AllocatedRun) throws {
+        let table = try writableTable(Int(g.l1Index(run.clusterStart)))
+        let index = Int(g.l2Index(run.clusterStart))
+        for i in 0..<Int(run.count) {
+            let host = run.hostStart + UInt64(i) * cs
+            let old = try kind(of: entry(table, index + i), at: run.clusterStart + UInt64(i) * cs)
+            setEntry(table, index + i, L2Entry(rawValue: host | L2Entry.copiedFlag))
+            if case let .normal(h) = old, h == host { continue }
+            releaseOld(old, punch: false)
+        }
     }
 
     private func writeCluster(_ clusterStart: UInt64, inCluster: UInt64, _ data: UnsafeRawBufferPointer) throws {
@@ -505,6 +604,7 @@ final class ImageWriter: @unchecked Sendable {
         try lock.withLock {
             try ensureWritable()
             let end = offset + length
+            waitForClusters(offset, end)
             let sc = g.subclusterSize
             let alignedStart = min(end, (offset + sc - 1) / sc * sc)
             let alignedEnd = end == virtualSize ? end : max(alignedStart, end / sc * sc)
@@ -574,7 +674,7 @@ final class ImageWriter: @unchecked Sendable {
                     try writeCluster(clusterStart, inCluster: pos + done - clusterStart, UnsafeRawBufferPointer(rebasing: part[0..<Int(m)]))
                     done += m
                 } else {
-                    done += try writeRun(at: pos + done, part, hostHint: &hint)
+                    done += try writeRunLocked(at: pos + done, part, hostHint: &hint)
                 }
             }
             pos += n
@@ -694,6 +794,7 @@ final class ImageWriter: @unchecked Sendable {
             try ensureWritable()
             if image.header.version < 3 && hasBacking { return }
             let end = offset + length
+            waitForClusters(offset, end)
             var pos = (offset + cs - 1) & ~(cs - 1)
             while pos < end {
                 let clusterEnd = min(pos + cs, virtualSize)
@@ -725,6 +826,7 @@ final class ImageWriter: @unchecked Sendable {
         let compressed = ClusterCodec.compress(image.header.compressionType, input: UnsafeRawBufferPointer(input), output: output)
         try lock.withLock {
             try ensureWritable()
+            waitForClusters(clusterStart, clusterStart + cs)
             let table = try writableTable(Int(g.l1Index(clusterStart)))
             let index = Int(g.l2Index(clusterStart))
             let old = entry(table, index)
@@ -777,6 +879,7 @@ final class ImageWriter: @unchecked Sendable {
     /// Sets a new backing file name and format (nil: no backing file); header only.
     func setBacking(name: String?, format: String?) throws {
         try lock.withLock {
+            drainAllocations()
             try ensureWritable()
             try rewriteHeader { img in
                 img.backingFileName = name
@@ -790,6 +893,7 @@ final class ImageWriter: @unchecked Sendable {
     /// backing file. Steps run in QEMU's order (upgrade first, downgrade last).
     func amend(compat: String?, lazyRefcounts: Bool?, refcountBits: Int?, backing: (name: String?, format: String?)?) throws {
         try lock.withLock {
+            drainAllocations()
             try ensureWritable()
             var target = image.header.version
             if let compat {
@@ -935,6 +1039,7 @@ final class ImageWriter: @unchecked Sendable {
     /// backing file shows through everywhere (QEMU's `qcow2_make_empty` fallback path).
     func makeEmpty() throws {
         try lock.withLock {
+            drainAllocations()
             try ensureWritable()
             let l1Count = layer.l1.withLock { $0.count }
             for l1i in 0..<l1Count {
@@ -965,6 +1070,7 @@ final class ImageWriter: @unchecked Sendable {
 
     func withMetadataLock<T>(_ body: () throws -> T) throws -> T {
         try lock.withLock {
+            drainAllocations()
             inFlight.drain()
             return try body()
         }
@@ -1061,6 +1167,7 @@ final class ImageWriter: @unchecked Sendable {
     /// data area is allocated in the file (full also writes zeros).
     func preallocate(mode: String) throws {
         try lock.withLock {
+            drainAllocations()
             try ensureWritable()
             let size = virtualSize
             let clusters = (size + cs - 1) / cs
@@ -1156,7 +1263,10 @@ final class ImageWriter: @unchecked Sendable {
     /// needed, and truncates the file after the last used cluster. The image must be
     /// reopened to see the new size.
     func resize(to newSize: UInt64, allowShrink: Bool) throws {
-        try lock.withLock { try resizeLocked(to: newSize, allowShrink: allowShrink) }
+        try lock.withLock {
+            drainAllocations()
+            try resizeLocked(to: newSize, allowShrink: allowShrink)
+        }
     }
 
     /// `resize` with the writer's lock held (also used by snapshot apply).
@@ -1279,6 +1389,7 @@ final class ImageWriter: @unchecked Sendable {
     /// Flushes and, if this writer set the dirty bit (lazy refcounts), clears it.
     func close() throws {
         try lock.withLock {
+            drainAllocations()
             try flushLocked()
             if setDirtyBit {
                 image.header.incompatibleFeatures.remove(.dirty)
