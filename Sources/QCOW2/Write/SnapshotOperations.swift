@@ -20,6 +20,9 @@ extension ImageWriter {
         return table
     }
 
+    /// Bytes of a new snapshot's name that are kept (QEMU: `sizeof(QEMUSnapshotInfo.name) - 1`).
+    static var maxNewSnapshotNameBytes: Int { 255 }
+
     /// Creates a snapshot of the current state; returns it.
     func createSnapshot(name: String) throws -> SnapshotTableEntry {
         try withMetadataLock {
@@ -46,8 +49,11 @@ extension ImageWriter {
             clock_gettime(CLOCK_REALTIME, &now)
             let numericIDs = table.compactMap { UInt64($0.id) }
             let id = String((numericIDs.max() ?? 0) + 1)
+            // QEMU keeps a new snapshot's name in `QEMUSnapshotInfo.name[256]` (pstrcpy):
+            // qemu-img snapshot -c stores at most 255 bytes of it. Do the same.
             let entry = SnapshotTableEntry(
-                l1TableOffset: l1Offset, l1Size: h.l1Size, id: id, name: name, dateSeconds: UInt32(truncatingIfNeeded: now.tv_sec),
+                l1TableOffset: l1Offset, l1Size: h.l1Size, idBytes: Array(id.utf8),
+                nameBytes: Array(name.utf8.prefix(Self.maxNewSnapshotNameBytes)), dateSeconds: UInt32(truncatingIfNeeded: now.tv_sec),
                 dateNanoseconds: UInt32(truncatingIfNeeded: now.tv_nsec), vmClockNanoseconds: 0, vmStateSize: 0,
                 diskSize: h.size, icount: 0)
             table.append(entry)
@@ -97,7 +103,7 @@ extension ImageWriter {
             try flushMetadata()
             var table = try loadSnapshots()
             // qemu-img snapshot -d looks the snapshot up by name only.
-            guard let index = table.firstIndex(where: { $0.name == key }) else {
+            guard let index = table.firstIndex(where: { $0.hasName(key) }) else {
                 throw QCOW2Error.invalidArgument("Could not delete snapshot '\(key)': snapshot not found")
             }
             let sn = table.remove(at: index)
