@@ -120,7 +120,12 @@ struct CrashFuzzRegressionTests {
     /// below zero", file 256 GiB). QEMU 7.2 behaves the same (its snapshot create fails with
     /// -EAGAIN after growing the file); docs/reliability.md asks for stricter: a data pointer
     /// past the end of the file is corruption — fail the request, do not grow the file.
-    @Test("an L2 entry pointing 256 GiB past the end does not grow the file", .disabled("open bug: refcount updates for a data pointer past EOF grow the file instead of reporting corruption"),
+    ///
+    /// Fixed: a refcount change for a cluster that metadata names beyond the end of the
+    /// file marks the image corrupt and fails (snapshot create before changing anything;
+    /// the COW write's data lands, the free of the old cluster is refused at flush), and a
+    /// decrement never creates a refcount block.
+    @Test("an L2 entry pointing 256 GiB past the end does not grow the file",
           arguments: [["snapshot", "-c", "fz", "img.qcow2"], ["io", "-c", "write -P 0x22 3k 512", "img.qcow2"]])
     func pointerPastEnd(_ args: [String]) async throws {
         try #require(FileManager.default.isExecutableFile(atPath: QCOW2Binary.path), "build qcow2 first (`swift build`)")
@@ -136,7 +141,49 @@ struct CrashFuzzRegressionTests {
             expectSane(r)
             let after = try fileSize(path)
             #expect(after < before + (64 << 20), "`qcow2 \(args.joined(separator: " "))` grew a \(before)-byte image to \(after) bytes: \(r)")
+            #expect(r.status == 1 && r.stderr.contains("Marking image as corrupt") && r.stderr.contains("beyond the end of the image file"),
+                    "expected a corruption error: \(r)")
+            // The corrupt bit is set (incompatible feature bit 1), so a read-write open is refused…
+            #expect(try readBE64(path, at: 72) & 2 != 0, "image not marked corrupt")
+            let again = try await qcow2(args, cwd: dir, timeout: 60)
+            let afterAgain = try fileSize(path)
+            #expect(again.status == 1 && afterAgain == after, "a marked image was modified: \(again)")
+            // …and nothing beyond the injected damage (one leaked cluster; the bad pointer
+            // itself, unless the COW replaced it) is wrong, as qemu-img check sees it.
+            let check = try await run("qemu-img", ["check", "img.qcow2"], cwd: dir, timeout: 120)
+            let report = check.stdout + check.stderr
+            #expect(report.components(separatedBy: "Leaked cluster").count == 2 && report.contains("1 leaked clusters")
+                    && !report.contains("errors were found") || report.contains("1 errors were found"), "\(check)")
+            #expect([2, 3].contains(check.status ?? -1), "\(check)")
             try? FileManager.default.removeItem(atPath: path)  // sparse, but huge
+        }
+    }
+
+    /// Freeing a cluster that no refcount block covers (inside the file, refcount 0: the
+    /// reference was corrupt) must not create a refcount block for it: the image is marked
+    /// corrupt and no refcount structure is added.
+    @Test("freeing a cluster without a refcount block marks the image corrupt and allocates nothing")
+    func freeWithoutRefblock() async throws {
+        try await withTempDir("fuzz-norefblock") { dir in
+            let path = dir + "/img.qcow2"
+            try await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=1k", "img.qcow2", "256k"], cwd: dir)
+            try await qemuIO(path, ["write -P 0x11 0 4k"], cwd: dir)
+            // 16-bit refcounts, 1 KiB clusters: one refcount block covers 512 KiB. Make the
+            // file 1 MiB long and point guest 3k at 600 KiB, which no block covers.
+            let handle = try Foundation.FileHandle(forWritingTo: URL(fileURLWithPath: path))
+            try handle.truncate(atOffset: 1 << 20)
+            try handle.close()
+            let l1 = try readBE64(path, at: 40)
+            let l2 = try readBE64(path, at: l1) & 0x00FF_FFFF_FFFF_FE00
+            try patchBE64(path, at: l2 + 3 * 8, 600 << 10)
+            let reftable = try readBE64(path, at: 48)
+            #expect(try readBE64(path, at: reftable + 8) == 0)
+            let r = try await qcow2(["io", "-c", "write -P 0x22 3k 512", "img.qcow2"], cwd: dir, timeout: 60)
+            expectSane(r)
+            #expect(r.status == 1 && r.stderr.contains("Marking image as corrupt") && r.stderr.contains("no refcount block"), "\(r)")
+            #expect(try readBE64(path, at: readBE64(path, at: 48) + 8) == 0, "a refcount block was created for the freed cluster")
+            #expect(try fileSize(path) == 1 << 20)
+            #expect(try readBE64(path, at: 72) & 2 != 0, "image not marked corrupt")
         }
     }
 }

@@ -76,6 +76,7 @@ extension ImageWriter {
                 throw QCOW2Error.corrupt(path: layer.path, "snapshot '\(key)' has an invalid L1 table")
             }
             let snL1 = try readL1(offset: sn.l1TableOffset, size: sn.l1Size)
+            try checkInsideFile(snL1)
             var h = currentImage.header
             if sn.l1Size > h.l1Size { try growActiveL1(to: sn.l1Size) }
             h = currentImage.header
@@ -148,16 +149,25 @@ extension ImageWriter {
 
     /// Every cluster the L1 tree references must be able to take one more reference
     /// (refcount_bits = 1 images cannot hold snapshots).
+    /// Also: every one lies inside the file, checked before any refcount changes.
     private func checkRefcountHeadroom(_ l1: [UInt64]) throws {
-        let maxValue = refcountMaximum
-        if maxValue >= UInt64(UInt32.max) { return }
         // A host cluster can be referenced several times (compressed clusters sharing it):
         // count every reference the snapshot adds before checking.
         var added: [UInt64: UInt64] = [:]
         try walk(l1) { cluster in added[cluster, default: 0] += 1 }
+        try requireInsideFile(clusters: added.keys.sorted(), what: "Cannot update snapshot refcounts")
+        let maxValue = refcountMaximum
+        if maxValue >= UInt64(UInt32.max) { return }
         for (cluster, n) in added where try refcountOf(cluster) + n > maxValue {
             throw QCOW2Error.invalidArgument("Could not create snapshot: the refcount width (\(refcountWidth) bits) is too small to share cluster \(cluster)")
         }
+    }
+
+    /// Every cluster the L1 tree references lies inside the file (before refcounting them).
+    private func checkInsideFile(_ l1: [UInt64]) throws {
+        var clusters = Set<UInt64>()
+        try walk(l1) { clusters.insert($0) }
+        try requireInsideFile(clusters: clusters.sorted(), what: "Cannot update snapshot refcounts")
     }
 
     /// Calls `body` for every host cluster the L1 tree references (L2 tables and data).
