@@ -1028,7 +1028,13 @@ final class ImageWriter: @unchecked Sendable {
         try syncWithRefcounts()
         image.header.l1Size = UInt32(needed)
         image.header.l1TableOffset = newOffset
-        if oldSize > 0 { try refcounts.release(offset: oldOffset, length: oldSize * 8) }
+        if oldSize > 0 {
+            do {
+                try refcounts.release(offset: oldOffset, length: oldSize * 8)
+            } catch let e as RefcountManager.Corruption {
+                try markCorrupt(e.description)  // the old table was not refcounted
+            }
+        }
     }
 
     // MARK: Preallocation
