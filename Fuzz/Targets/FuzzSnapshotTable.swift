@@ -18,7 +18,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         fatalError("a serialized snapshot table does not parse again")
     }
     for (a, b) in zip(entries, again) {
-        guard a.l1TableOffset == b.l1TableOffset, a.l1Size == b.l1Size, a.id == b.id, a.name == b.name,
+        guard a.l1TableOffset == b.l1TableOffset, a.l1Size == b.l1Size, a.idBytes == b.idBytes, a.nameBytes == b.nameBytes,
               a.vmStateSize == b.vmStateSize, a.unknownExtraData == b.unknownExtraData else {
             fatalError("snapshot entry changed in a round trip: \(a) → \(b)")
         }

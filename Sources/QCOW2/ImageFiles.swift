@@ -34,13 +34,14 @@ enum SnapshotTable {
         }
     }
 
-    /// QEMU's `find_snapshot_by_id_or_name`: an ID match first, then a name match.
+    /// QEMU's `find_snapshot_by_id_or_name`: an ID match first, then a name match (bytes,
+    /// as its `strcmp`: a stored name that is not UTF-8 never equals a decoded copy of it).
     static func find(_ key: String, in table: [SnapshotTableEntry]) -> SnapshotTableEntry? {
-        table.first { $0.id == key } ?? table.first { $0.name == key }
+        table.first { $0.hasID(key) } ?? table.first { $0.hasName(key) }
     }
 
     /// qemu-img's `-l snapshot.id=ID,snapshot.name=NAME`: every given part must match.
     static func find(id: String?, name: String?, in table: [SnapshotTableEntry]) -> SnapshotTableEntry? {
-        table.first { (id == nil || $0.id == id) && (name == nil || $0.name == name) }
+        table.first { s in (id.map { s.hasID($0) } ?? true) && (name.map { s.hasName($0) } ?? true) }
     }
 }

@@ -1,10 +1,17 @@
 /// One entry of the internal snapshot table (format doc §8.1). Entries are 8-byte aligned;
 /// the last one is not padded.
+///
+/// The ID and name are byte strings, as in QEMU (`char *`), not UTF-8: they are kept as
+/// the raw bytes read from disk so that a table is rewritten byte for byte, whatever an
+/// image (or a hostile file) put there. `id` and `name` are lossy `String` views for
+/// display; lookups compare bytes (`hasID`, `hasName`), as QEMU's `strcmp` does.
 public struct SnapshotTableEntry: Sendable, Equatable {
     public var l1TableOffset: UInt64
     public var l1Size: UInt32
-    public var id: String
-    public var name: String
+    /// The unique ID string, raw bytes as stored (`id_str_size` bytes).
+    public var idBytes: [UInt8]
+    /// The name, raw bytes as stored (`name_size` bytes).
+    public var nameBytes: [UInt8]
     public var dateSeconds: UInt32
     public var dateNanoseconds: UInt32
     public var vmClockNanoseconds: UInt64
@@ -17,13 +24,13 @@ public struct SnapshotTableEntry: Sendable, Equatable {
     /// Extra data past the three known fields, kept verbatim.
     public var unknownExtraData: [UInt8]
 
-    public init(l1TableOffset: UInt64, l1Size: UInt32, id: String, name: String, dateSeconds: UInt32,
+    public init(l1TableOffset: UInt64, l1Size: UInt32, idBytes: [UInt8], nameBytes: [UInt8], dateSeconds: UInt32,
                 dateNanoseconds: UInt32, vmClockNanoseconds: UInt64, vmStateSize: UInt64,
                 diskSize: UInt64?, icount: UInt64?, unknownExtraData: [UInt8] = []) {
         self.l1TableOffset = l1TableOffset
         self.l1Size = l1Size
-        self.id = id
-        self.name = name
+        self.idBytes = idBytes
+        self.nameBytes = nameBytes
         self.dateSeconds = dateSeconds
         self.dateNanoseconds = dateNanoseconds
         self.vmClockNanoseconds = vmClockNanoseconds
@@ -31,6 +38,34 @@ public struct SnapshotTableEntry: Sendable, Equatable {
         self.diskSize = diskSize
         self.icount = icount
         self.unknownExtraData = unknownExtraData
+    }
+
+    /// An entry whose ID and name are the UTF-8 bytes of `id` and `name`.
+    public init(l1TableOffset: UInt64, l1Size: UInt32, id: String, name: String, dateSeconds: UInt32,
+                dateNanoseconds: UInt32, vmClockNanoseconds: UInt64, vmStateSize: UInt64,
+                diskSize: UInt64?, icount: UInt64?, unknownExtraData: [UInt8] = []) {
+        self.init(l1TableOffset: l1TableOffset, l1Size: l1Size, idBytes: Array(id.utf8), nameBytes: Array(name.utf8),
+                  dateSeconds: dateSeconds, dateNanoseconds: dateNanoseconds, vmClockNanoseconds: vmClockNanoseconds,
+                  vmStateSize: vmStateSize, diskSize: diskSize, icount: icount, unknownExtraData: unknownExtraData)
+    }
+
+    /// The ID as QEMU sees it: a C string, so it ends at the first NUL byte.
+    public var idCString: ArraySlice<UInt8> { Self.cString(idBytes) }
+    /// The name as QEMU sees it: a C string, so it ends at the first NUL byte.
+    public var nameCString: ArraySlice<UInt8> { Self.cString(nameBytes) }
+
+    /// The ID for display: invalid UTF-8 shows as U+FFFD. Not for lookups (see `hasID`).
+    public var id: String { String(decoding: idCString, as: UTF8.self) }
+    /// The name for display: invalid UTF-8 shows as U+FFFD. Not for lookups (see `hasName`).
+    public var name: String { String(decoding: nameCString, as: UTF8.self) }
+
+    /// QEMU's `strcmp(sn->id_str, key) == 0`: the UTF-8 bytes of `key` against the stored bytes.
+    public func hasID(_ key: String) -> Bool { idCString.elementsEqual(key.utf8) }
+    /// QEMU's `strcmp(sn->name, key) == 0`: the UTF-8 bytes of `key` against the stored bytes.
+    public func hasName(_ key: String) -> Bool { nameCString.elementsEqual(key.utf8) }
+
+    private static func cString(_ bytes: [UInt8]) -> ArraySlice<UInt8> {
+        bytes[..<(bytes.firstIndex(of: 0) ?? bytes.endIndex)]
     }
 
     /// Parses `count` entries from the snapshot table bytes, validating every length.
@@ -70,14 +105,15 @@ public struct SnapshotTableEntry: Sendable, Equatable {
             if extra.count >= 24 { icount = try er.u64(16) }
             let unknown = extra.count > 24 ? Array(extra[24...]) : []
             let idStart = extraStart + Int(extraSize)
-            let id = String(decoding: try r.slice(idStart, idSize), as: UTF8.self)
-            let name = String(decoding: try r.slice(idStart + idSize, nameSize), as: UTF8.self)
+            // Raw bytes: QEMU treats both as byte strings, and re-encoding would change them.
+            let id = try r.slice(idStart, idSize)
+            let name = try r.slice(idStart + idSize, nameSize)
             offset = idStart + idSize + nameSize
             guard UInt64(offset) <= QCOW2Limits.maxSnapshotTableBytes else {
                 throw .malformed("snapshot table is too big")
             }
             entries.append(SnapshotTableEntry(
-                l1TableOffset: l1Offset, l1Size: l1Size, id: id, name: name, dateSeconds: dateSec,
+                l1TableOffset: l1Offset, l1Size: l1Size, idBytes: id, nameBytes: name, dateSeconds: dateSec,
                 dateNanoseconds: dateNsec, vmClockNanoseconds: vmClock, vmStateSize: vmState,
                 diskSize: diskSize, icount: icount, unknownExtraData: unknown))
         }
@@ -87,8 +123,10 @@ public struct SnapshotTableEntry: Sendable, Equatable {
     /// Serializes this entry (unpadded; the table writer pads between entries).
     public func serialize() -> [UInt8] {
         var b: [UInt8] = []
-        // Lengths are 16-bit on disk: never trap on an over-long (e.g. re-encoded) name.
-        let idBytes = Array(id.utf8.prefix(Int(UInt16.max))), nameBytes = Array(name.utf8.prefix(Int(UInt16.max)))
+        // Lengths are 16-bit on disk. A parsed entry always fits; an entry built through the
+        // API with a longer name is cut at 65535 bytes instead of trapping (QEMU asserts
+        // here; its snapshot create already cuts names to 255 bytes, as createSnapshot does).
+        let idBytes = Array(self.idBytes.prefix(Int(UInt16.max))), nameBytes = Array(self.nameBytes.prefix(Int(UInt16.max)))
         b.appendBE(l1TableOffset)
         b.appendBE(l1Size)
         b.appendBE(UInt16(idBytes.count))

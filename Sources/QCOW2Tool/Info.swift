@@ -31,7 +31,7 @@ struct Info: ParsableCommand {
                     print(infos[0].json(indent: 0))
                 }
             case .human:
-                print(infos.map { $0.human() }.joined(separator: "\n"))
+                writeStandardOutput(Array(infos.map { $0.human() }.joined(separator: [UInt8(ascii: "\n")])) + [UInt8(ascii: "\n")])
             }
         }
     }
@@ -98,34 +98,36 @@ struct ImageInfo {
         return JSONValue.object(obj).render(indent: indent)
     }
 
-    func human() -> String {
-        var lines: [String] = []
-        lines.append("image: \(layer.path)")
-        lines.append("file format: \(layer.format)")
-        lines.append("virtual size: \(humanSize(layer.virtualSize)) (\(layer.virtualSize) bytes)")
-        lines.append("disk size: \(humanSize(actualSize))")
-        if let h = layer.header?.header { lines.append("cluster_size: \(h.clusterSize)") }
+    /// The text block, as bytes: snapshot names are printed raw (see `SnapshotListing.line`).
+    func human() -> [UInt8] {
+        var lines: [[UInt8]] = []
+        func add(_ line: String) { lines.append(Array(line.utf8)) }
+        add("image: \(layer.path)")
+        add("file format: \(layer.format)")
+        add("virtual size: \(humanSize(layer.virtualSize)) (\(layer.virtualSize) bytes)")
+        add("disk size: \(humanSize(actualSize))")
+        if let h = layer.header?.header { add("cluster_size: \(h.clusterSize)") }
         if let b = layer.backingFileName {
             if let full = layer.fullBackingFileName, full != b {
-                lines.append("backing file: \(b) (actual path: \(full))")
+                add("backing file: \(b) (actual path: \(full))")
             } else {
-                lines.append("backing file: \(b)")
+                add("backing file: \(b)")
             }
-            if let f = layer.header?.backingFormat { lines.append("backing file format: \(f)") }
+            if let f = layer.header?.backingFormat { add("backing file format: \(f)") }
         }
         if !snapshots.isEmpty {
-            lines.append("Snapshot list:")
-            lines.append(SnapshotListing.header)
+            add("Snapshot list:")
+            add(SnapshotListing.header)
             lines.append(contentsOf: snapshots.map(SnapshotListing.line))
         }
         let fs = formatSpecific
         if !fs.isEmpty {
-            lines.append("Format specific information:")
+            add("Format specific information:")
             for (k, v) in fs {
-                lines.append("    \(k.split(separator: "-").joined(separator: " ")): \(v.plain)")
+                add("    \(k.split(separator: "-").joined(separator: " ")): \(v.plain)")
             }
         }
-        return lines.joined(separator: "\n")
+        return Array(lines.joined(separator: [UInt8(ascii: "\n")]))
     }
 }
 
@@ -135,22 +137,48 @@ enum SnapshotListing {
     static let header = pad("ID", 10) + pad("TAG", 17) + pad("VM SIZE", 8, right: true) + pad("DATE", 20, right: true)
         + pad("VM CLOCK", 13, right: true) + pad("ICOUNT", 11, right: true)
 
-    /// `%-9s %-16s %8s%20s%13s%11s`.
-    static func line(_ s: SnapshotTableEntry) -> String {
+    /// `%-9s %-16s %8s%20s%13s%11s`, as bytes: ID and name are printed raw, like QEMU's
+    /// printf of its C strings (a name that is not UTF-8 comes out byte for byte), padded
+    /// by byte count as printf does. `bdrv_snapshot_list` copies them into
+    /// `QEMUSnapshotInfo` (`id_str[128]`, `name[256]`), so at most 127 and 255 bytes show.
+    static func line(_ s: SnapshotTableEntry) -> [UInt8] {
         let date = formatDate(s.dateSeconds)
         let ns = s.vmClockNanoseconds
         let secs = ns / 1_000_000_000
         let clock = "\(zeroPadded(secs / 3600, 2)):\(zeroPadded((secs / 60) % 60, 2)):\(zeroPadded(secs % 60, 2)).\(zeroPadded((ns / 1_000_000) % 1000, 3))"
         let icount = s.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
         let vmSize = humanSize(s.vmStateSize)
-        return pad(s.id, 9) + " " + pad(s.name, 16) + " " + pad(vmSize, 8, right: true) + pad(date, 20, right: true)
+        let rest = " " + pad(vmSize, 8, right: true) + pad(date, 20, right: true)
             + pad(clock, 13, right: true) + pad(icount, 11, right: true)
+        return padBytes(Array(s.idCString.prefix(127)), 9) + [UInt8(ascii: " ")]
+            + padBytes(Array(s.nameCString.prefix(255)), 16) + Array(rest.utf8)
+    }
+
+    /// printf's `%-Ns` on a byte string.
+    static func padBytes(_ b: [UInt8], _ n: Int) -> [UInt8] {
+        b.count < n ? b + [UInt8](repeating: UInt8(ascii: " "), count: n - b.count) : b
     }
 
     static func pad(_ s: String, _ n: Int, right: Bool = false) -> String {
         guard s.count < n else { return s }
         let fill = String(repeating: " ", count: n - s.count)
         return right ? fill + s : s + fill
+    }
+}
+
+/// Writes raw bytes to standard output (names that are not UTF-8 must come out as stored;
+/// `print` takes a String). stdio is flushed first so the bytes land after earlier `print`s.
+func writeStandardOutput(_ bytes: [UInt8]) {
+    fflush(nil)
+    bytes.withUnsafeBytes { raw in
+        guard let base = raw.baseAddress else { return }
+        var done = 0
+        while done < raw.count {
+            let n = write(STDOUT_FILENO, base + done, raw.count - done)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return }  // stdout closed: nothing useful left to do
+            done += n
+        }
     }
 }
 

@@ -24,7 +24,7 @@ struct Snapshot: ParsableCommand {
                 if !snapshots.isEmpty {
                     print("Snapshot list:")
                     print(SnapshotListing.header)
-                    for s in snapshots { print(SnapshotListing.line(s)) }
+                    for s in snapshots { writeStandardOutput(SnapshotListing.line(s) + [UInt8(ascii: "\n")]) }
                 }
                 return
             }

@@ -91,6 +91,27 @@ struct SnapshotTableTests {
         #expect(try SnapshotTableEntry.parseTable([], count: 0, clusterSize: 65536).isEmpty)
         #expect(SnapshotTableEntry.tableSize([]) == 0)
     }
+
+    /// QEMU keeps id and name as byte strings: bytes that are not UTF-8 are kept as they
+    /// are, lookups compare bytes (a decoded U+FFFD copy does not match), and a NUL ends the
+    /// string for lookups and display (QEMU's strcmp/printf) but is still rewritten.
+    @Test("id and name are raw bytes; lookups compare bytes up to a NUL")
+    func rawNameBytes() throws {
+        var e = Array(Self.entry1.prefix(64))
+        e.replaceSubrange(12..<16, with: [0, 2, 0, 5])
+        let id: [UInt8] = [0x37, 0xC3], name: [UInt8] = [0x61, 0xFF, 0x62, 0x00, 0x63]
+        e += id + name
+        let s = try #require(try SnapshotTableEntry.parseTable(e, count: 1, clusterSize: 65536).first)
+        #expect(s.idBytes == id && s.nameBytes == name)
+        #expect(SnapshotTableEntry.serializeTable([s]) == e)
+        #expect(s.name == "a\u{FFFD}b" && s.id == "7\u{FFFD}")
+        #expect(!s.hasName(s.name) && !s.hasID(s.id))
+        #expect(!s.hasName("a") && !s.hasName("a\u{FF}b"))  // U+00FF is C3 BF in UTF-8
+        let plain = SnapshotTableEntry(l1TableOffset: 0, l1Size: 0, id: "1", name: "ünï", dateSeconds: 0, dateNanoseconds: 0,
+                                       vmClockNanoseconds: 0, vmStateSize: 0, diskSize: nil, icount: nil)
+        #expect(plain.hasName("ünï") && plain.hasID("1") && !plain.hasID("01"))
+        #expect(plain.nameBytes == Array("ünï".utf8))
+    }
 }
 
 @Suite("Header extensions and cluster 0")

@@ -46,8 +46,8 @@ struct CrashFuzzRegressionTests {
     /// the passed value"); reached from `createSnapshot`/`deleteSnapshot` →
     /// `writeSnapshotTable` → `tableSize`. Smaller invalid names are silently rewritten.
     /// Expected: parse rejects such a table (throws), or keeps the raw bytes so the table
-    /// is rewritten byte for byte.
-    @Test("a snapshot name that is not UTF-8 survives parse → serialize (no trap)", .disabled("open bug: snapshot names are decoded as UTF-8 instead of kept as raw bytes (serialize now clamps instead of trapping)"))
+    /// is rewritten byte for byte. Fixed: id and name are kept as raw bytes, as in QEMU.
+    @Test("a snapshot name that is not UTF-8 survives parse → serialize (no trap)")
     func snapshotNameNotUTF8() async {
         await #expect(processExitsWith: .success) {
             let table = CrashFuzzInputs.snapshotTable(nameLength: 30_000)
@@ -58,7 +58,7 @@ struct CrashFuzzRegressionTests {
         }
     }
 
-    @Test("short names that are not UTF-8 are kept byte for byte", .disabled("open bug: snapshot names are decoded as UTF-8 instead of kept as raw bytes"))
+    @Test("short names that are not UTF-8 are kept byte for byte")
     func shortSnapshotNameNotUTF8() throws {
         let table = CrashFuzzInputs.snapshotTable(nameLength: 40)
         guard let entries = try? SnapshotTableEntry.parseTable(table, count: 1, clusterSize: 65536) else { return }
@@ -67,8 +67,10 @@ struct CrashFuzzRegressionTests {
     }
 
     /// The same through the CLI: `qcow2 snapshot -c` on an image whose existing snapshot has
-    /// such a name must fail cleanly or succeed — not crash (it traps today).
-    @Test("snapshot create on an image with a 30000-byte non-UTF-8 snapshot name does not crash", .disabled("open bug: snapshot names are decoded as UTF-8 instead of kept as raw bytes"))
+    /// such a name must fail cleanly or succeed — not crash (it trapped before names were
+    /// kept as bytes). The listing must match `qemu-img snapshot -l` byte for byte (QEMU
+    /// prints the raw name, cut at 255 bytes).
+    @Test("snapshot create on an image with a 30000-byte non-UTF-8 snapshot name does not crash")
     func snapshotCreateWithHostileName() async throws {
         try #require(FileManager.default.isExecutableFile(atPath: QCOW2Binary.path), "build qcow2 first (`swift build`)")
         try await withTempDir("fuzz-snapname") { dir in
@@ -88,9 +90,26 @@ struct CrashFuzzRegressionTests {
             image += [UInt8](repeating: 0, count: (65536 - image.count % 65536) % 65536)
             image.replaceSubrange(64..<72, with: withUnsafeBytes(of: UInt64(newOffset).bigEndian, Array.init))
             try writeFile(path, Data(image))
+            let ours = try await qcow2Bytes(["snapshot", "-l", "img.qcow2"], cwd: dir)
+            let qemu = try await qemuImgBytes(["snapshot", "-l", "img.qcow2"], cwd: dir)
+            #expect(ours == qemu, "snapshot -l differs from qemu-img's:\n\(String(decoding: ours, as: UTF8.self))\n\(String(decoding: qemu, as: UTF8.self))")
+            #expect(qemu.count > 255 && qemu.contains(0xFF), "qemu-img did not list the raw name")
+            let ourInfo = try await qcow2Bytes(["info", "img.qcow2"], cwd: dir)
+            let qemuInfo = try await qemuImgBytes(["info", "img.qcow2"], cwd: dir)
+            #expect(ourInfo == qemuInfo, "info differs from qemu-img's:\n\(String(decoding: ourInfo, as: UTF8.self))\n\(String(decoding: qemuInfo, as: UTF8.self))")
             let r = try await qcow2(["snapshot", "-c", "x", "img.qcow2"], cwd: dir, timeout: 60)
             expectSane(r)
             #expect(r.status == 0 || r.status == 1, "\(r)")
+            if r.status == 0 {
+                // The old entry is rewritten byte for byte: its 30000-byte name is intact.
+                let list = try await qcow2Bytes(["snapshot", "-l", "img.qcow2"], cwd: dir)
+                #expect(list == (try await qemuImgBytes(["snapshot", "-l", "img.qcow2"], cwd: dir)))
+                let table = Int(try readBE64(path, at: 64))
+                let bytes = [UInt8](try readFile(path))
+                let entries = try SnapshotTableEntry.parseTable(Array(bytes[table...]), count: 2, clusterSize: 65536)
+                #expect(entries[0].nameBytes == [UInt8](repeating: 0xFF, count: 30_000))
+                #expect(entries[1].nameBytes == Array("x".utf8))
+            }
         }
     }
 
@@ -104,7 +123,12 @@ struct CrashFuzzRegressionTests {
     /// below zero", file 256 GiB). QEMU 7.2 behaves the same (its snapshot create fails with
     /// -EAGAIN after growing the file); docs/reliability.md asks for stricter: a data pointer
     /// past the end of the file is corruption — fail the request, do not grow the file.
-    @Test("an L2 entry pointing 256 GiB past the end does not grow the file", .disabled("open bug: refcount updates for a data pointer past EOF grow the file instead of reporting corruption"),
+    ///
+    /// Fixed: a refcount change for a cluster that metadata names beyond the end of the
+    /// file marks the image corrupt and fails (snapshot create before changing anything;
+    /// the COW write's data lands, the free of the old cluster is refused at flush), and a
+    /// decrement never creates a refcount block.
+    @Test("an L2 entry pointing 256 GiB past the end does not grow the file",
           arguments: [["snapshot", "-c", "fz", "img.qcow2"], ["io", "-c", "write -P 0x22 3k 512", "img.qcow2"]])
     func pointerPastEnd(_ args: [String]) async throws {
         try #require(FileManager.default.isExecutableFile(atPath: QCOW2Binary.path), "build qcow2 first (`swift build`)")
@@ -120,7 +144,49 @@ struct CrashFuzzRegressionTests {
             expectSane(r)
             let after = try fileSize(path)
             #expect(after < before + (64 << 20), "`qcow2 \(args.joined(separator: " "))` grew a \(before)-byte image to \(after) bytes: \(r)")
+            #expect(r.status == 1 && r.stderr.contains("Marking image as corrupt") && r.stderr.contains("beyond the end of the image file"),
+                    "expected a corruption error: \(r)")
+            // The corrupt bit is set (incompatible feature bit 1), so a read-write open is refused…
+            #expect(try readBE64(path, at: 72) & 2 != 0, "image not marked corrupt")
+            let again = try await qcow2(args, cwd: dir, timeout: 60)
+            let afterAgain = try fileSize(path)
+            #expect(again.status == 1 && afterAgain == after, "a marked image was modified: \(again)")
+            // …and nothing beyond the injected damage (one leaked cluster; the bad pointer
+            // itself, unless the COW replaced it) is wrong, as qemu-img check sees it.
+            let check = try await run("qemu-img", ["check", "img.qcow2"], cwd: dir, timeout: 120)
+            let report = check.stdout + check.stderr
+            #expect(report.components(separatedBy: "Leaked cluster").count == 2 && report.contains("1 leaked clusters")
+                    && !report.contains("errors were found") || report.contains("1 errors were found"), "\(check)")
+            #expect([2, 3].contains(check.status ?? -1), "\(check)")
             try? FileManager.default.removeItem(atPath: path)  // sparse, but huge
+        }
+    }
+
+    /// Freeing a cluster that no refcount block covers (inside the file, refcount 0: the
+    /// reference was corrupt) must not create a refcount block for it: the image is marked
+    /// corrupt and no refcount structure is added.
+    @Test("freeing a cluster without a refcount block marks the image corrupt and allocates nothing")
+    func freeWithoutRefblock() async throws {
+        try await withTempDir("fuzz-norefblock") { dir in
+            let path = dir + "/img.qcow2"
+            try await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=1k", "img.qcow2", "256k"], cwd: dir)
+            try await qemuIO(path, ["write -P 0x11 0 4k"], cwd: dir)
+            // 16-bit refcounts, 1 KiB clusters: one refcount block covers 512 KiB. Make the
+            // file 1 MiB long and point guest 3k at 600 KiB, which no block covers.
+            let handle = try Foundation.FileHandle(forWritingTo: URL(fileURLWithPath: path))
+            try handle.truncate(atOffset: 1 << 20)
+            try handle.close()
+            let l1 = try readBE64(path, at: 40)
+            let l2 = try readBE64(path, at: l1) & 0x00FF_FFFF_FFFF_FE00
+            try patchBE64(path, at: l2 + 3 * 8, 600 << 10)
+            let reftable = try readBE64(path, at: 48)
+            #expect(try readBE64(path, at: reftable + 8) == 0)
+            let r = try await qcow2(["io", "-c", "write -P 0x22 3k 512", "img.qcow2"], cwd: dir, timeout: 60)
+            expectSane(r)
+            #expect(r.status == 1 && r.stderr.contains("Marking image as corrupt") && r.stderr.contains("no refcount block"), "\(r)")
+            #expect(try readBE64(path, at: readBE64(path, at: 48) + 8) == 0, "a refcount block was created for the freed cluster")
+            #expect(try fileSize(path) == 1 << 20)
+            #expect(try readBE64(path, at: 72) & 2 != 0, "image not marked corrupt")
         }
     }
 }

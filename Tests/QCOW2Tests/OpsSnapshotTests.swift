@@ -329,6 +329,32 @@ struct OpsSnapshotTests {
         }
     }
 
+    /// Names are byte strings in QEMU: a new name is kept up to 255 bytes (qemu-img copies
+    /// it into `QEMUSnapshotInfo.name[256]`), non-ASCII names are stored as their UTF-8
+    /// bytes and listed raw, and -a/-d find them by those bytes.
+    @Test("long and non-ASCII names: stored, listed and found like qemu-img")
+    func longAndNonASCIINames() async throws {
+        try await withTwin("snap-names") { t in
+            try await t.builder.create("img.qcow2", size: "1M")
+            try t.mirror()
+            let long = String(repeating: "n", count: 300), accents = "snäpshot-ü✓"
+            let ctx = "names"
+            try await opsSnapshotStep(t, ["-c", long], context: ctx)
+            try await opsSnapshotStep(t, ["-c", accents], context: ctx)
+            let ours = try await qcow2Bytes(["snapshot", "-l", "img.qcow2"], cwd: t.ours)
+            let qemu = try await qemuImgBytes(["snapshot", "-l", "img.qcow2"], cwd: t.qemu)
+            // Dates differ between the two copies: compare the ID and TAG columns.
+            func names(_ b: [UInt8]) -> [[ArraySlice<UInt8>]] {
+                b.split(separator: 10).dropFirst(2).map { Array($0.split(separator: 0x20).prefix(2)) }
+            }
+            #expect(names(ours) == names(qemu), "snapshot -l: ours\n\(String(decoding: ours, as: UTF8.self))\nqemu-img\n\(String(decoding: qemu, as: UTF8.self))")
+            #expect(String(decoding: ours, as: UTF8.self).contains(String(repeating: "n", count: 255) + " "))
+            try await opsSnapshotStep(t, ["-a", accents], context: ctx)
+            try await opsSnapshotStep(t, ["-d", String(repeating: "n", count: 255)], context: ctx)
+            try await opsSnapshotStep(t, ["-d", accents], context: ctx)
+        }
+    }
+
     @Test("-d by ID where no snapshot has that name: qemu-img refuses (names only)")
     func deleteByIDOnly() async throws {
         try await withTwin("snap-del-id") { t in

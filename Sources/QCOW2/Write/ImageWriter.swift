@@ -1081,7 +1081,11 @@ final class ImageWriter: @unchecked Sendable {
     /// Changes a refcount; a cluster whose refcount drops to zero is discarded in the file,
     /// as QEMU does for snapshot operations (QCOW2_DISCARD_SNAPSHOT).
     func adjustRefcount(_ cluster: UInt64, by delta: Int64) throws {
-        try refcounts.increment(cluster: cluster, by: delta)
+        do {
+            try refcounts.increment(cluster: cluster, by: delta)
+        } catch let e as RefcountManager.Corruption {
+            try markCorrupt(e.description)
+        }
         if delta < 0, try refcounts.refcount(ofCluster: cluster) == 0 {
             // A freed L2 table must not be written back by the next flush.
             let offset = cluster * cs
@@ -1098,6 +1102,18 @@ final class ImageWriter: @unchecked Sendable {
         return offset
     }
     /// Drops references at once (the caller made the unlink durable already).
+    /// Metadata names these host clusters as in use: each must lie inside the image file,
+    /// else the image is marked corrupt (before any refcount changes: refcounting a
+    /// cluster far past the end would grow the refcount structures, and the file, to it).
+    func requireInsideFile(clusters: some Sequence<UInt64>, what: String) throws {
+        let end = max(try file.size(), layer.fileEnd.load(ordering: .relaxed))
+        for c in clusters {
+            let (offset, overflow) = c.multipliedReportingOverflow(by: cs)
+            if overflow || offset >= end {
+                try markCorrupt("\(what): cluster \(c) (offset 0x\(String(offset, radix: 16))) lies beyond the end of the image file (0x\(String(end, radix: 16)) bytes)")
+            }
+        }
+    }
     func releaseNow(offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
         for c in (offset / cs)...((offset + length - 1) / cs) { try adjustRefcount(c, by: -1) }
@@ -1156,7 +1172,13 @@ final class ImageWriter: @unchecked Sendable {
         try syncWithRefcounts()
         image.header.l1Size = UInt32(needed)
         image.header.l1TableOffset = newOffset
-        if oldSize > 0 { try refcounts.release(offset: oldOffset, length: oldSize * 8) }
+        if oldSize > 0 {
+            do {
+                try refcounts.release(offset: oldOffset, length: oldSize * 8)
+            } catch let e as RefcountManager.Corruption {
+                try markCorrupt(e.description)  // the old table was not refcounted
+            }
+        }
     }
 
     // MARK: Preallocation
@@ -1372,10 +1394,20 @@ final class ImageWriter: @unchecked Sendable {
         inFlight.drain()
         let frees = pendingFrees
         pendingFrees.removeAll()
+        // A cluster the old entry named that cannot be freed (beyond the end of the file,
+        // no refcount block: the entry was corrupt) does not stop the other frees; the
+        // image is marked corrupt once they are done (QEMU only reports its
+        // "qcow2_free_clusters failed", after growing the file to reach the cluster).
+        var corruption: RefcountManager.Corruption?
         for (offset, length, punch) in frees {
             let first = offset / cs, last = (offset + length - 1) / cs
             for c in first...last {
-                try refcounts.increment(cluster: c, by: -1)
+                do {
+                    try refcounts.increment(cluster: c, by: -1)
+                } catch let e as RefcountManager.Corruption {
+                    corruption = corruption ?? e
+                    continue
+                }
                 if punch, try refcounts.refcount(ofCluster: c) == 0 {
                     l2Tables.remove(c * cs)
                     file.punchHole(at: c * cs, length: cs)
@@ -1384,6 +1416,7 @@ final class ImageWriter: @unchecked Sendable {
             }
         }
         if !frees.isEmpty { try syncWithRefcounts() }
+        if let corruption { try markCorrupt(corruption.description) }
     }
 
     /// Flushes and, if this writer set the dirty bit (lazy refcounts), clears it.

@@ -114,6 +114,40 @@ final class RefcountManager {
     /// Thrown when metadata was allocated while updating refcounts: the caller searches again.
     private struct Again: Error {}
 
+    /// A refcount change the metadata asks for that no consistent image can ask for: a
+    /// cluster in use beyond the end of the file, or a decrement where no refcount block
+    /// exists. Never answered by allocating (an L2 entry pointing at 256 GiB would
+    /// otherwise grow the refcount structures, and the file, to 256 GiB); the writer
+    /// marks the image corrupt (QEMU's `qcow2_signal_corruption`).
+    struct Corruption: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// The file size last seen (refreshed only when a cluster in use lies beyond it).
+    private var knownFileEnd: UInt64 = 0
+    /// End of the clusters allocated by this manager, whose contents may not be written
+    /// yet (a cluster below it is inside the image even when the file is still shorter).
+    private var allocatedEnd: UInt64 = 0
+
+    private func noteAllocated(_ end: UInt64) { allocatedEnd = max(allocatedEnd, end) }
+
+    /// A cluster referenced by metadata must lie inside the image.
+    private func checkInsideFile(_ c: UInt64) throws {
+        let offset = c << UInt64(clusterBits)  // c = some offset / clusterSize: no overflow
+        if offset < knownFileEnd || offset < allocatedEnd { return }
+        knownFileEnd = try file.size()
+        guard offset < knownFileEnd else {
+            throw Corruption(description: "Cannot update refcount of cluster at offset 0x\(String(offset, radix: 16)): beyond the end of the image file (0x\(String(knownFileEnd, radix: 16)) bytes)")
+        }
+    }
+
+    /// The existing refcount block for cluster `c`, or nil.
+    private func existingBlock(forCluster c: UInt64) -> UInt64? {
+        let r = c / entriesPerBlock
+        guard r < UInt64(table.count), table[Int(r)] != 0 else { return nil }
+        return table[Int(r)]
+    }
+
     /// QEMU's `free_cluster_index`: no free cluster lies below it.
     private var freeClusterIndex: UInt64 = 0
 
@@ -137,13 +171,29 @@ final class RefcountManager {
 
     /// Adds `addend` to (or subtracts it from) the refcount of every cluster touched by
     /// `[offset, offset+length)`. On `Again` the changes made so far are undone.
-    private func update(_ offset: UInt64, _ length: UInt64, addend: UInt64, decrease: Bool) throws {
+    /// `inUse`: the clusters are referenced by (possibly hostile) metadata rather than
+    /// being allocated now, so they must lie inside the file. A decrease never creates a
+    /// refcount block: a cluster without one has refcount 0 and cannot be freed.
+    private func update(_ offset: UInt64, _ length: UInt64, addend: UInt64, decrease: Bool, inUse: Bool = false) throws {
         guard length > 0 else { return }
-        let first = offset / clusterSize, last = (offset + length - 1) / clusterSize
+        let (lastByte, overflow) = offset.addingReportingOverflow(length - 1)
+        guard !overflow else {
+            throw Corruption(description: "Cannot update refcounts of 0x\(String(length, radix: 16)) bytes at offset 0x\(String(offset, radix: 16)): the range overflows")
+        }
+        let first = offset / clusterSize, last = lastByte / clusterSize
         var c = first
         do {
             while c <= last {
-                let blockOffset = try allocRefcountBlock(forCluster: c)
+                if inUse { try checkInsideFile(c) }
+                let blockOffset: UInt64
+                if decrease {
+                    guard let existing = existingBlock(forCluster: c) else {
+                        throw Corruption(description: "Cannot free cluster at offset 0x\(String(c << UInt64(clusterBits), radix: 16)): it has no refcount block (refcount 0)")
+                    }
+                    blockOffset = existing
+                } else {
+                    blockOffset = try allocRefcountBlock(forCluster: c)
+                }
                 let old = try refcount(ofCluster: c)
                 let new: UInt64
                 if decrease {
@@ -165,7 +215,7 @@ final class RefcountManager {
                 c += 1
             }
         } catch {
-            if c > first { try? update(offset, (c - first) * clusterSize - (offset % clusterSize), addend: addend, decrease: !decrease) }
+            if c > first { try? update(offset, (c - first) * clusterSize - (offset % clusterSize), addend: addend, decrease: !decrease, inUse: inUse) }
             throw error
         }
     }
@@ -184,6 +234,7 @@ final class RefcountManager {
             try update(newOffset, clusterSize, addend: 1, decrease: false)
         }
         try file.write(b, at: newOffset)
+        noteAllocated(newOffset + clusterSize)
         blocks[newOffset] = b
         blockOffsets.insert(newOffset)
         if r < UInt64(table.count) {
@@ -281,6 +332,7 @@ final class RefcountManager {
         table = newTable
         tableOffset = tableStart * clusterSize
         self.tableClusters = UInt32(tableClusters)
+        noteAllocated(end * clusterSize)
         try update(oldOffset, oldSize, addend: 1, decrease: true)
         return end
     }
@@ -294,6 +346,7 @@ final class RefcountManager {
             let start = try allocNoref(count)
             do {
                 try update(start * clusterSize, count * clusterSize, addend: 1, decrease: false)
+                noteAllocated((start + count) * clusterSize)
                 return start * clusterSize
             } catch is Again {
                 continue
@@ -310,6 +363,7 @@ final class RefcountManager {
             guard n > 0 else { return 0 }
             do {
                 try update(start * clusterSize, n * clusterSize, addend: 1, decrease: false)
+                noteAllocated((start + n) * clusterSize)
                 return n
             } catch is Again {
                 continue
@@ -317,11 +371,15 @@ final class RefcountManager {
         }
     }
 
-    /// Adds `delta` to one cluster's refcount (for clusters already in use).
+    /// Adds `delta` to one cluster's refcount (for clusters already in use, named by
+    /// metadata: throws `Corruption` for one beyond the end of the file).
     func increment(cluster c: UInt64, by delta: Int64) throws {
+        guard c <= UInt64.max >> UInt64(clusterBits) else {
+            throw Corruption(description: "Cannot update refcount of cluster \(c): offset out of range")
+        }
         while true {
             do {
-                try update(c * clusterSize, clusterSize, addend: delta.magnitude, decrease: delta < 0)
+                try update(c * clusterSize, clusterSize, addend: delta.magnitude, decrease: delta < 0, inUse: true)
                 return
             } catch is Again {
                 continue
@@ -331,7 +389,7 @@ final class RefcountManager {
 
     /// Drops one reference to each cluster of `[offset, offset + length)`.
     func release(offset: UInt64, length: UInt64) throws {
-        try update(offset, length, addend: 1, decrease: true)
+        try update(offset, length, addend: 1, decrease: true, inUse: true)
     }
 
     /// Byte-granular allocation for compressed clusters (QEMU's `qcow2_alloc_bytes`):
@@ -356,6 +414,7 @@ final class RefcountManager {
             }
             do {
                 try update(offset, size, addend: 1, decrease: false)
+                noteAllocated(offset + size)
                 break
             } catch is Again {
                 offset = 0

@@ -20,6 +20,9 @@ extension ImageWriter {
         return table
     }
 
+    /// Bytes of a new snapshot's name that are kept (QEMU: `sizeof(QEMUSnapshotInfo.name) - 1`).
+    static var maxNewSnapshotNameBytes: Int { 255 }
+
     /// Creates a snapshot of the current state; returns it.
     func createSnapshot(name: String) throws -> SnapshotTableEntry {
         try withMetadataLock {
@@ -46,8 +49,11 @@ extension ImageWriter {
             clock_gettime(CLOCK_REALTIME, &now)
             let numericIDs = table.compactMap { UInt64($0.id) }
             let id = String((numericIDs.max() ?? 0) + 1)
+            // QEMU keeps a new snapshot's name in `QEMUSnapshotInfo.name[256]` (pstrcpy):
+            // qemu-img snapshot -c stores at most 255 bytes of it. Do the same.
             let entry = SnapshotTableEntry(
-                l1TableOffset: l1Offset, l1Size: h.l1Size, id: id, name: name, dateSeconds: UInt32(truncatingIfNeeded: now.tv_sec),
+                l1TableOffset: l1Offset, l1Size: h.l1Size, idBytes: Array(id.utf8),
+                nameBytes: Array(name.utf8.prefix(Self.maxNewSnapshotNameBytes)), dateSeconds: UInt32(truncatingIfNeeded: now.tv_sec),
                 dateNanoseconds: UInt32(truncatingIfNeeded: now.tv_nsec), vmClockNanoseconds: 0, vmStateSize: 0,
                 diskSize: h.size, icount: 0)
             table.append(entry)
@@ -76,6 +82,7 @@ extension ImageWriter {
                 try resizeLocked(to: size, allowShrink: true)
             }
             let snL1 = try readL1(offset: sn.l1TableOffset, size: sn.l1Size)
+            try checkInsideFile(snL1)
             var h = currentImage.header
             if sn.l1Size > h.l1Size { try growActiveL1(to: sn.l1Size) }
             h = currentImage.header
@@ -103,7 +110,7 @@ extension ImageWriter {
             try flushMetadata()
             var table = try loadSnapshots()
             // qemu-img snapshot -d looks the snapshot up by name only.
-            guard let index = table.firstIndex(where: { $0.name == key }) else {
+            guard let index = table.firstIndex(where: { $0.hasName(key) }) else {
                 throw QCOW2Error.invalidArgument("Could not delete snapshot '\(key)': snapshot not found")
             }
             let sn = table.remove(at: index)
@@ -211,16 +218,25 @@ extension ImageWriter {
 
     /// Every cluster the L1 tree references must be able to take one more reference
     /// (refcount_bits = 1 images cannot hold snapshots).
+    /// Also: every one lies inside the file, checked before any refcount changes.
     private func checkRefcountHeadroom(_ l1: [UInt64]) throws {
-        let maxValue = refcountMaximum
-        if maxValue >= UInt64(UInt32.max) { return }
         // A host cluster can be referenced several times (compressed clusters sharing it):
         // count every reference the snapshot adds before checking.
         var added: [UInt64: UInt64] = [:]
         try walk(l1) { cluster in added[cluster, default: 0] += 1 }
+        try requireInsideFile(clusters: added.keys.sorted(), what: "Cannot update snapshot refcounts")
+        let maxValue = refcountMaximum
+        if maxValue >= UInt64(UInt32.max) { return }
         for (cluster, n) in added where try refcountOf(cluster) + n > maxValue {
             throw QCOW2Error.invalidArgument("Could not create snapshot: the refcount width (\(refcountWidth) bits) is too small to share cluster \(cluster)")
         }
+    }
+
+    /// Every cluster the L1 tree references lies inside the file (before refcounting them).
+    private func checkInsideFile(_ l1: [UInt64]) throws {
+        var clusters = Set<UInt64>()
+        try walk(l1) { clusters.insert($0) }
+        try requireInsideFile(clusters: clusters.sorted(), what: "Cannot update snapshot refcounts")
     }
 
     /// Calls `body` for every host cluster the L1 tree references (L2 tables and data).

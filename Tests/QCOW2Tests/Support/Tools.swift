@@ -70,6 +70,33 @@ func run(
         timeLimit: seconds)
 }
 
+/// Runs `tool` like `run` but returns standard output as raw bytes (output that is not
+/// UTF-8, such as snapshot names listed byte for byte); throws when it does not exit 0.
+func runBytes(_ tool: String, _ args: [String], cwd: String, timeout seconds: Int = 60) async throws -> [UInt8] {
+    let result = try await Subprocess.run(
+        .name("timeout"),
+        arguments: Arguments(["-k", "5", String(seconds), tool] + args),
+        workingDirectory: .init(cwd),
+        output: .bytes(limit: 64 << 20),
+        error: .string(limit: 1 << 20)
+    )
+    guard case .exited(0) = result.terminationStatus else {
+        throw ToolFailure(result: ToolResult(
+            command: ([tool] + args).map(shellQuote).joined(separator: " "), status: nil, signaled: false, signal: nil,
+            stdout: String(decoding: result.standardOutput, as: UTF8.self), stderr: result.standardError ?? "",
+            timeLimit: seconds))
+    }
+    return result.standardOutput
+}
+
+func qemuImgBytes(_ args: [String], cwd: String) async throws -> [UInt8] {
+    try await runBytes("qemu-img", args, cwd: cwd)
+}
+
+func qcow2Bytes(_ args: [String], cwd: String) async throws -> [UInt8] {
+    try await runBytes(QCOW2Binary.path, args, cwd: cwd)
+}
+
 func shellQuote(_ s: String) -> String {
     if !s.isEmpty, s.allSatisfy({ $0.isLetter || $0.isNumber || "-_./=:,+@%".contains($0) }) { return s }
     return "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'"
