@@ -113,9 +113,11 @@ public final class DiskImage: BlockDevice, Sendable {
         if let writer {
             try writer.writeZeroes(at: offset, length: length, unmap: unmap)
         } else if let raw = rawWriter {
-            if !(unmap && raw.punchHole(at: offset, length: length)) {
-                try raw.write([UInt8](repeating: 0, count: Int(length)), at: offset)
-            }
+            // As QEMU's file driver: punch a hole when unmapping is allowed, else zero the
+            // range in place; write zeros (in bounded chunks) only as a fallback.
+            if unmap && raw.punchHole(at: offset, length: length) { return }
+            if raw.zeroRange(at: offset, length: length) { return }
+            try raw.writeZeros(at: offset, length: length)
         }
     }
 

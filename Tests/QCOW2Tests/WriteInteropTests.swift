@@ -199,3 +199,28 @@ struct WriteLockTests {
         }
     }
 }
+
+@Suite("Write: raw images")
+struct RawWriteTests {
+    /// A zero write of GiBs to a raw image zeroes exactly the range (fallocate, or bounded
+    /// chunks of zeros), never allocating memory in proportion to the request, and leaves
+    /// the same bytes as qemu-io's `write -z` on a copy.
+    @Test("raw write -z over 3 GiB: same bytes as qemu-io, bounded memory")
+    func rawZeroes() async throws {
+        try await withTempDir("raw-zero") { dir in
+            _ = try await qemuImg(["create", "-q", "-f", "raw", "big.raw", "4G"], cwd: dir)
+            try await qemuIO(dir + "/big.raw", ["write -P 0x55 511M 2M", "write -P 0x66 3583M 2M"], format: "raw", cwd: dir)
+            _ = try await run("cp", ["--sparse=always", "big.raw", "expected.raw"], cwd: dir)
+            // qemu-io takes at most 2 GiB per request.
+            try await qemuIO(dir + "/expected.raw", ["write -z 512M 1536M", "write -z 2G 1536M"], format: "raw", cwd: dir)
+            let r = try await run("/usr/bin/time", ["-f", "maxrss=%M", QCOW2Binary.path, "io", "-f", "raw", "-c", "write -z 512M 3G", "big.raw"],
+                                  cwd: dir, timeout: 120)
+            #expect(r.succeeded, "\(r)")
+            if let line = r.stderr.split(separator: "\n").last(where: { $0.hasPrefix("maxrss=") }), let kb = Int(line.dropFirst(7)) {
+                #expect(kb < 64 * 1024, "peak RSS \(kb) KiB for a 3 GiB zero write")
+            }
+            let cmp = try await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", "big.raw", "expected.raw"], cwd: dir, timeout: 120)
+            #expect(cmp.status == 0, "\(cmp)")
+        }
+    }
+}

@@ -135,6 +135,25 @@ public final class FileHandle: @unchecked Sendable {
         return cqcow2_fallocate(fd, mode, Int64(offset), Int64(length)) == 0
     }
 
+    /// Makes a byte range read as zeros without writing them (FALLOC_FL_ZERO_RANGE; blocks
+    /// stay allocated). Returns false when the file system cannot do it.
+    @discardableResult
+    public func zeroRange(at offset: UInt64, length: UInt64) -> Bool {
+        if IOHooks.enabled, IOHooks.fault("fallocate") != nil { return false }
+        return cqcow2_fallocate(fd, cqcow2_FALLOC_FL_ZERO_RANGE | cqcow2_FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length)) == 0
+    }
+
+    /// Writes zeros over a byte range in bounded chunks (no allocation proportional to it).
+    public func writeZeros(at offset: UInt64, length: UInt64) throws {
+        let chunk = [UInt8](repeating: 0, count: Int(min(length, 1 << 20)))
+        var pos: UInt64 = 0
+        while pos < length {
+            let n = Int(min(UInt64(chunk.count), length - pos))
+            try chunk.withUnsafeBytes { try write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: offset + pos) }
+            pos += UInt64(n)
+        }
+    }
+
     /// Allocates blocks for a byte range (posix_fallocate semantics; extends the file).
     public func preallocate(at offset: UInt64, length: UInt64) throws {
         if let code = IOHooks.fault("fallocate") { throw QCOW2Error.io(path: path, operation: "fallocate", errno: code) }

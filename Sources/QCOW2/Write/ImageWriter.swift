@@ -686,7 +686,7 @@ final class ImageWriter: @unchecked Sendable {
     /// subclusters) and zeros must be written instead.
     private func zeroize(_ from: UInt64, _ to: UInt64, unmap: Bool) throws -> Bool {
         if image.header.autoclearFeatures.contains(.dataFileRaw), let dataFile {
-            try writeZeros(dataFile, from: from, to: to)
+            try dataFile.writeZeros(at: from, length: to - from)
         }
         if image.header.version < 3 {
             guard !hasBacking, from % cs == 0 else { return false }
@@ -1220,7 +1220,7 @@ final class ImageWriter: @unchecked Sendable {
                 if let dataFile {
                     try dataFile.truncate(to: size)
                     if mode == "falloc" { try dataFile.preallocate(at: 0, length: size) }
-                    if mode == "full" { try writeZeros(dataFile, from: 0, to: size) }
+                    if mode == "full" { try dataFile.writeZeros(at: 0, length: size) }
                 } else if try file.size() < hostEnd {
                     try file.truncate(to: hostEnd)
                 }
@@ -1237,7 +1237,7 @@ final class ImageWriter: @unchecked Sendable {
                 // (which may end inside the L1 cluster) to the end of the data area.
                 let fillFrom = min(try file.size(), dataStart)
                 if mode == "full" {
-                    try writeZeros(file, from: fillFrom, to: dataEnd)
+                    try file.writeZeros(at: fillFrom, length: dataEnd - fillFrom)
                 } else {
                     try file.preallocate(at: fillFrom, length: dataEnd - fillFrom)
                 }
@@ -1265,16 +1265,6 @@ final class ImageWriter: @unchecked Sendable {
         let sliceEntries = Int(layer.sliceEntries)
         let left = UInt64((index / sliceEntries + 1) * sliceEntries - index)
         return (table, index, min(left, clustersLeft))
-    }
-
-    private func writeZeros(_ f: FileHandle, from: UInt64, to: UInt64) throws {
-        let chunk = [UInt8](repeating: 0, count: 1 << 20)
-        var pos = from
-        while pos < to {
-            let n = Int(min(UInt64(chunk.count), to - pos))
-            try chunk.withUnsafeBytes { try f.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
-            pos += UInt64(n)
-        }
     }
 
     // MARK: Resize
