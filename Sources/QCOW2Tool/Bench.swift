@@ -50,11 +50,14 @@ struct Bench: ParsableCommand {
                 while true {
                     let i = next.add(1, ordering: .relaxed).oldValue
                     guard i < requestCount else { return }
-                    // Request i starts at offset + i*step, wrapped like qemu-img bench.
+                    // Request i starts at offset + i*step, wrapped like qemu-img bench; as
+                    // there, a request that then runs past the end fails.
                     let (m, overflow) = UInt64(i).multipliedReportingOverflow(by: step)
-                    var at = (overflow ? 0 : (start &+ m)) % imageSize
-                    if at + size > imageSize { at = 0 }
+                    let at = (overflow ? 0 : (start &+ m)) % imageSize
                     do {
+                        guard at + size <= imageSize else {
+                            throw ValidationError("Failed request: Input/output error")
+                        }
                         if writing {
                             try disk.write(at: at, from: UnsafeRawBufferPointer(buffer))
                             if interval > 0 && (i + 1) % interval == 0 { try disk.flush() }

@@ -18,11 +18,11 @@ struct OpsBenchCase: Sendable, CustomTestStringConvertible {
     static let all: [OpsBenchCase] = [
         OpsBenchCase(name: "-c 1000 -s 4k -S 64k", args: ["-c", "1000", "-s", "4k", "-S", "64k"]),
         OpsBenchCase(name: "-c 1000 -s 4k -S 64k on an empty image", prefill: [], args: ["-c", "1000", "-s", "4k", "-S", "64k"]),
-        OpsBenchCase(name: "-c 3000 -s 4k -S 64k (wraps around the end)", size: "16M", args: ["-c", "3000", "-s", "4k", "-S", "64k"]),
+        OpsBenchCase(name: "-c 3000 -s 4k -S 64k (wraps around the end)", size: "16M", prefill: ["write -P 0x11 0 8M", "write -c -P 0x12 9M 1M", "write -z 12M 1M"], args: ["-c", "3000", "-s", "4k", "-S", "64k"]),
         OpsBenchCase(name: "-o 1M offset", args: ["-c", "500", "-s", "4k", "-S", "64k", "-o", "1M"]),
         OpsBenchCase(name: "unaligned -s 5000 -S 7000 -o 3", args: ["-c", "400", "-s", "5000", "-S", "7000", "-o", "3"]),
         OpsBenchCase(name: "-s 64k -S 64k (whole clusters)", args: ["-c", "300", "-s", "64k", "-S", "64k"]),
-        OpsBenchCase(name: "-s 128k -S 96k (overlapping requests)", size: "16M", args: ["-c", "200", "-s", "128k", "-S", "96k"]),
+        OpsBenchCase(name: "-s 128k -S 96k (overlapping requests)", size: "16M", prefill: ["write -P 0x11 0 8M", "write -c -P 0x12 9M 1M", "write -z 12M 1M"], args: ["-c", "170", "-s", "128k", "-S", "96k"]),
         OpsBenchCase(name: "512-byte clusters", options: "cluster_size=512", size: "8M",
                      prefill: ["write -P 0x11 0 1M", "write -z 2M 64k"], args: ["-c", "1000", "-s", "4k", "-S", "64k"]),
         OpsBenchCase(name: "extended_l2 subclusters", options: "extended_l2=on", args: ["-c", "1000", "-s", "1k", "-S", "64k"]),
@@ -36,7 +36,7 @@ struct OpsBenchCase: Sendable, CustomTestStringConvertible {
 
 @Suite("Ops: bench -w")
 struct OpsBenchTests {
-    @Test("bench -w leaves the same content as qemu-img bench -w", .disabled("known gap: two offset-wrapping cases differ from qemu-img bench -w; other cases pass"), arguments: OpsBenchCase.all)
+    @Test("bench -w leaves the same content as qemu-img bench -w", arguments: OpsBenchCase.all)
     func bench(_ c: OpsBenchCase) async throws {
         try await withTwin("bench-" + c.name) { t in
             try await t.builder.create("img.qcow2", size: c.size, options: c.options)
@@ -66,6 +66,21 @@ struct OpsBenchTests {
                 opsExpectSameStatus(r, context: "bench -w \(args.joined(separator: " "))")
                 #expect(!r.qemu.succeeded)
                 #expect(try readFile(t.o("img.qcow2")) == before, "a refused bench changed the image")
+            }
+        }
+    }
+
+    /// qemu-img bench wraps offsets at the image size; a request that then runs past the
+    /// end fails the run ("Failed request: Input/output error", exit 1).
+    @Test("a request past the end fails like qemu-img bench")
+    func pastTheEnd() async throws {
+        try await withTwin("bench-end") { t in
+            try await t.builder.create("img.qcow2", size: "16M")
+            try t.mirror()
+            for args in [["-c", "200", "-s", "128k", "-S", "96k"], ["-c", "170", "-s", "128k", "-S", "96k"]] {
+                let r = try await t.both(["bench"] + args + ["img.qcow2"])
+                opsExpectSameStatus(r, context: "bench \(args.joined(separator: " "))")
+                if !r.qemu.succeeded { #expect(r.ours.stderr.contains("Failed request"), "\(r.ours)") }
             }
         }
     }
