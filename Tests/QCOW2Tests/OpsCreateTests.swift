@@ -38,8 +38,26 @@ struct OpsPreallocCase: Sendable, CustomTestStringConvertible {
 
 @Suite("Ops: preallocated create and external data files")
 struct OpsCreateTests {
-    @Test("create: bytes, map, info, check vs qemu-img; then writes vs qemu-io", .disabled("known gap: preallocation=metadata with 512-byte/1k clusters places L2 tables and refcount blocks differently, and non-cluster-multiple sizes leave the last cluster a hole (content and check match)"), arguments: OpsPreallocCase.all)
+    /// preallocation=metadata with 512-byte and 1 KiB clusters: where a new refcount block
+    /// is needed mid-way, QEMU puts the next data run before the refcount block and we put it
+    /// after (content, map flags and check agree; host offsets differ).
+    static func isKnownGap(_ c: OpsPreallocCase) -> Bool {
+        c.options.hasPrefix("preallocation=metadata") && (c.options.contains("cluster_size=512") || c.options.contains("cluster_size=1k"))
+    }
+
+    @Test("create: bytes, map, info, check vs qemu-img; then writes vs qemu-io", arguments: OpsPreallocCase.all.filter { !isKnownGap($0) })
     func prealloc(_ c: OpsPreallocCase) async throws {
+        try await checkPrealloc(c)
+    }
+
+    @Test("create with small clusters and preallocation=metadata: byte-identical to qemu-img",
+          .disabled("known gap: with 512-byte/1 KiB clusters QEMU places the data run that needs a new refcount block before that block, we after it"),
+          arguments: OpsPreallocCase.all.filter { isKnownGap($0) })
+    func preallocSmallClusters(_ c: OpsPreallocCase) async throws {
+        try await checkPrealloc(c)
+    }
+
+    func checkPrealloc(_ c: OpsPreallocCase) async throws {
         try await withTwin("prealloc-" + c.testDescription) { t in
             let args = ["create", "-q", "-f", "qcow2", "-o", c.options, "img.qcow2", c.size]
             let r = try await t.both(args, timeout: 180)

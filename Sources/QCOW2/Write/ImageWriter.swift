@@ -1198,6 +1198,7 @@ final class ImageWriter: @unchecked Sendable {
                 var guest: UInt64 = 0
                 var hint: UInt64?
                 var hostEnd: UInt64 = 0
+                var lastRun = (guest: UInt64(0), host: UInt64(0))
                 while guest < clusters * cs {
                     let (table, index, count) = try sliceRun(at: guest, clustersLeft: clusters - guest / cs)
                     let host: UInt64
@@ -1213,6 +1214,7 @@ final class ImageWriter: @unchecked Sendable {
                     for i in 0..<Int(n) { setEntry(table, index + i, L2Entry(rawValue: (host + UInt64(i) * cs) | L2Entry.copiedFlag)) }
                     hint = dataFile == nil ? host + n * cs : nil
                     hostEnd = max(hostEnd, host + n * cs)
+                    lastRun = (guest, host)
                     guest += n * cs
                     try flushIfOverBudget()
                 }
@@ -1221,8 +1223,19 @@ final class ImageWriter: @unchecked Sendable {
                     try dataFile.truncate(to: size)
                     if mode == "falloc" { try dataFile.preallocate(at: 0, length: size) }
                     if mode == "full" { try dataFile.writeZeros(at: 0, length: size) }
-                } else if try file.size() < hostEnd {
-                    try file.truncate(to: hostEnd)
+                } else {
+                    // As qemu-img: the file must reach the host offset of the (sector-
+                    // aligned) end of the disk. At a cluster boundary the file is
+                    // extended; inside a cluster, zeros are written up to its end.
+                    let alignedEnd = (size + 511) & ~511
+                    let lastHostEnd = lastRun.host + (alignedEnd - lastRun.guest)
+                    let fileSize = try file.size()
+                    if lastHostEnd % cs == 0 {
+                        if fileSize < lastHostEnd { try file.truncate(to: lastHostEnd) }
+                    } else if fileSize < hostEnd {
+                        try file.writeZeros(at: max(lastHostEnd, fileSize), length: hostEnd - max(lastHostEnd, fileSize))
+                        bumpFileEnd(hostEnd)
+                    }
                 }
             } else {
                 let lastUsed = try refcounts.lastUsedCluster(below: (try file.size() + cs - 1) / cs)
