@@ -47,7 +47,7 @@ struct ToolFailure: Error, CustomStringConvertible {
 /// Runs `tool` (a name looked up on PATH, or a path) with `args` in `cwd`, under
 /// `timeout -k 5 <seconds>`, collecting stdout and stderr as strings.
 func run(
-    _ tool: String, _ args: [String], cwd: String, timeout seconds: Int = 20,
+    _ tool: String, _ args: [String], cwd: String, timeout seconds: Int = 60,
     outputLimit: Int = 64 << 20
 ) async throws -> ToolResult {
     let command = ([tool] + args).map(shellQuote).joined(separator: " ")
@@ -146,7 +146,7 @@ enum QCOW2Binary {
 }
 
 /// Runs our `qcow2` CLI.
-func qcow2(_ args: [String], cwd: String, timeout: Int = 20) async throws -> ToolResult {
+func qcow2(_ args: [String], cwd: String, timeout: Int = 60) async throws -> ToolResult {
     try #require(
         FileManager.default.isExecutableFile(atPath: QCOW2Binary.path),
         "qcow2 binary not found at \(QCOW2Binary.path); run `swift build` or set QCOW2_BIN")
