@@ -95,7 +95,7 @@ struct OpsRebaseCase: Sendable, CustomTestStringConvertible {
 
 @Suite("Ops: rebase")
 struct OpsRebaseTests {
-    @Test("safe rebase: content unchanged, byte-identical to qemu-img rebase, check clean", .disabled("known gap: with 512-byte clusters the layout differs around new refcount blocks (content and check match); other cases pass"), arguments: OpsRebaseCase.all)
+    @Test("safe rebase: content unchanged, byte-identical to qemu-img rebase, check clean", arguments: OpsRebaseCase.all)
     func safe(_ c: OpsRebaseCase) async throws {
         try await withTwin("rebase-" + c.name) { t in
             try await opsBuildRebaseChain(t.builder, topOptions: c.topOptions, candidates: c.args)

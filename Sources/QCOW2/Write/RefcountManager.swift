@@ -192,7 +192,14 @@ final class RefcountManager {
                     }
                     blockOffset = existing
                 } else {
-                    blockOffset = try allocRefcountBlock(forCluster: c)
+                    do {
+                        blockOffset = try allocRefcountBlock(forCluster: c)
+                    } catch let again as Again {
+                        // As QEMU: the caller's search restarts at the clusters it had
+                        // found, which are usually still free (the new block went after them).
+                        if freeClusterIndex > first { freeClusterIndex = first }
+                        throw again
+                    }
                 }
                 let old = try refcount(ofCluster: c)
                 let new: UInt64
