@@ -44,9 +44,17 @@ struct Convert: ParsableCommand {
                 // -s ID selects by ID; -l takes an ID or name, or snapshot.id=/snapshot.name= parts.
                 sourceOptions.snapshot = snapshotParam ?? "snapshot.id=\(p)"
             }
-            let sources = try sourcePaths.map { try DiskImage.open(path: $0, options: sourceOptions) }
+            let sources = try sourcePaths.map { argument in
+                var o = sourceOptions
+                let path = try image.secret.apply(argument, to: &o)
+                return try DiskImage.open(path: path, options: o)
+            }
             let total = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
             var (create, extraBacking, extraFormat) = try CreateOptionParser.parse(options)
+            if outputFormat == "qcow2" { create.encryption = try image.secret.encryptionCreateOptions(CreateOptionParser.encryptKeys) }
+            if compress && create.encryption != nil {
+                throw ValidationError("Compression and encryption not supported at the same time")
+            }
             let backing = outputBacking ?? extraBacking
             let backingFormat = outputBackingFormat ?? extraFormat ?? (backing != nil ? "qcow2" : nil)
             if !noCreate {
@@ -67,6 +75,8 @@ struct Convert: ParsableCommand {
             var openOptions = OpenOptions(format: outputFormat, writable: true)
             openOptions.durableFlush = cacheMode != "unsafe"
             openOptions.followBackingFiles = true
+            // The new image's own secret, else --password-file (an existing -n target).
+            openOptions.secrets.fallback = try create.encryption?.passphrase ?? image.secret.passwordFromFile()
             let target = try DiskImage.open(path: destination, options: openOptions)
             var converter = ImageConverter()
             converter.sparseSize = Int(sparse)
@@ -75,7 +85,9 @@ struct Convert: ParsableCommand {
             // With a backing file, zero ranges may hide backing data and must be compared too.
             converter.targetMayHaveData = noCreate || backing != nil
             if backing != nil, target.chainDepth > 1 {
-                converter.backing = try DiskImage.open(path: target.chain[0].fullBackingFileName ?? "", options: OpenOptions(format: backingFormat))
+                var backingOptions = OpenOptions(format: backingFormat)
+                backingOptions.secrets.fallback = try image.secret.passwordFromFile()
+                converter.backing = try DiskImage.open(path: target.chain[0].fullBackingFileName ?? "", options: backingOptions)
             }
             let showProgress = progress
             if showProgress { printProgress(0) }

@@ -243,7 +243,22 @@ final class ImageWriter: @unchecked Sendable {
         throw QCOW2Error.corrupt(path: layer.path, "Marking image as corrupt: \(reason); further corruption events will be suppressed")
     }
 
+    /// How the layer's data is encrypted (nil: plain).
+    var encryption: LayerEncryption? { layer.encryption }
+
+    /// The one place guest data reaches the file: encrypted here for encrypted layers
+    /// (LUKS: sector numbers from the host offset), so copy-on-write fill, zero buffers
+    /// and in-place writes are all ciphertext.
     private func writeData(_ data: UnsafeRawBufferPointer, at host: UInt64) throws {
+        if let encryption {
+            let buffer = try encryption.encrypted(data, host: host)
+            defer { buffer.deallocate() }
+            return try writePlainData(UnsafeRawBufferPointer(buffer), at: host)
+        }
+        try writePlainData(data, at: host)
+    }
+
+    private func writePlainData(_ data: UnsafeRawBufferPointer, at host: UInt64) throws {
         if let dataFile {
             try dataFile.write(data, at: host)
         } else {
@@ -869,11 +884,11 @@ final class ImageWriter: @unchecked Sendable {
                     setEntry(table, index, L2Entry(rawValue: 0))
                 case .zeroPlain:
                     let host = try refcounts.allocate(clusters: 1)
-                    try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+                    try [UInt8](repeating: 0, count: Int(cs)).withUnsafeBytes { try writeData($0, at: host) }
                     bumpFileEnd(host + cs)
                     setEntry(table, index, L2Entry(rawValue: host | L2Entry.copiedFlag))
                 case let .zeroAllocated(host):
-                    try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+                    try [UInt8](repeating: 0, count: Int(cs)).withUnsafeBytes { try writeData($0, at: host) }
                     setEntry(table, index, L2Entry(rawValue: host | (e.rawValue & L2Entry.copiedFlag)))
                 default:
                     break
