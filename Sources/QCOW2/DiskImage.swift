@@ -27,6 +27,9 @@ public final class DiskImage: BlockDevice, Sendable {
     nonisolated(unsafe) private var rawWriter: FileHandle?
     nonisolated(unsafe) private var durableRaw = true
 
+    /// Makes partial-sector writes of encrypted images atomic (see `SectorWriteLock`).
+    private let sectorLock = SectorWriteLock()
+
     private struct CompressedKey: Hashable { var layer: Int32; var host: UInt64 }
     /// Per layer: data clusters that are holes in the file report as zero (see
     /// `QCOW2Layer.detectMetadataPreallocation`). Computed on first use by `allocationMap`.
@@ -115,11 +118,16 @@ public final class DiskImage: BlockDevice, Sendable {
         try checkRange(offset, UInt64(data.count))
         guard !data.isEmpty else { return }
         if let writer {
-            if writer.encryption != nil, let (start, buffer) = try sectorAligned(offset, data) {
-                defer { buffer.deallocate() }
-                return try writer.write(at: start, UnsafeRawBufferPointer(buffer))
+            guard writer.encryption != nil else { return try writer.write(at: offset, data) }
+            let end = offset + UInt64(data.count)
+            guard offset % 512 != 0 || (end % 512 != 0 && end != virtualSize) else {
+                return try sectorLock.withShared { try writer.write(at: offset, data) }
             }
-            try writer.write(at: offset, data)
+            try sectorLock.withExclusive {
+                let (start, buffer) = try sectorAligned(offset, data)
+                defer { buffer.deallocate() }
+                try writer.write(at: start, UnsafeRawBufferPointer(buffer))
+            }
         } else {
             try rawWriter?.write(data, at: offset)
         }
@@ -127,10 +135,9 @@ public final class DiskImage: BlockDevice, Sendable {
 
     /// Encrypted images are written in whole 512-byte sectors (QEMU's request alignment for
     /// encrypted qcow2): for an unaligned request, the covering sectors read back from the
-    /// image with `data` on top; nil when the request is already aligned.
-    private func sectorAligned(_ offset: UInt64, _ data: UnsafeRawBufferPointer) throws -> (UInt64, UnsafeMutableRawBufferPointer)? {
+    /// image with `data` on top. The caller deallocates the buffer.
+    private func sectorAligned(_ offset: UInt64, _ data: UnsafeRawBufferPointer) throws -> (UInt64, UnsafeMutableRawBufferPointer) {
         let end = offset + UInt64(data.count)
-        guard offset % 512 != 0 || (end % 512 != 0 && end != virtualSize) else { return nil }
         let start = offset & ~511
         let alignedEnd = min(virtualSize, (end + 511) & ~511)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(alignedEnd - start), alignment: 4096)
@@ -156,9 +163,12 @@ public final class DiskImage: BlockDevice, Sendable {
                 let head = min(end, (offset + 511) & ~511)
                 let tail = end % 512 == 0 || end == virtualSize ? end : max(head, end & ~511)
                 if offset < head { try writeZeroBytes(offset, head) }
-                if head < tail { try writer.writeZeroes(at: head, length: tail - head, unmap: unmap) }
+                if head < tail { try sectorLock.withShared { try writer.writeZeroes(at: head, length: tail - head, unmap: unmap) } }
                 if tail < end { try writeZeroBytes(tail, end) }
                 return
+            }
+            if writer.encryption != nil {
+                return try sectorLock.withShared { try writer.writeZeroes(at: offset, length: length, unmap: unmap) }
             }
             try writer.writeZeroes(at: offset, length: length, unmap: unmap)
         } else if let raw = rawWriter {
