@@ -17,6 +17,15 @@ public struct EncryptionCreateOptions: Sendable {
 }
 
 extension ImageCreator {
+    /// Bytes of the LUKS area qemu-img reserves for `cipher` (header and 8 key slots of
+    /// 4000 stripes: `payload_offset × 512`), for `measure`.
+    public static func luksAreaLength(_ cipher: CipherSpec) -> UInt64 {
+        let sector = UInt64(LUKS1Header.sectorSize)
+        let material = (UInt64(cipher.keyLength) * UInt64(LUKS1Header.defaultStripes) + sector - 1) / sector
+        let span = (material + 7) / 8 * 8
+        return (8 + UInt64(LUKS1Header.keySlotCount) * span) * sector
+    }
+
     /// Allocates the LUKS area right after the L1 table, as `qemu-img create` does
     /// (`qcow2_crypto_hdr_init_func`: whole clusters, zero-filled), writes the LUKS header
     /// and slot 0's key material into it, and records it in the header (crypt_method 2

@@ -23,6 +23,14 @@ public struct EncryptionSecrets: Sendable {
     /// The passphrase to try for the layer at `depth`, if any.
     public func passphrase(forDepth depth: Int) -> SecretBytes? { byDepth[depth] ?? fallback }
 
+    /// The secrets of the chain that starts `depth` layers further down (its layer 0 is
+    /// this chain's layer `depth`); the fallback is kept.
+    public func below(_ depth: Int) -> EncryptionSecrets {
+        var out = EncryptionSecrets(fallback: fallback)
+        for (d, s) in byDepth where d >= depth { out.byDepth[d - depth] = s }
+        return out
+    }
+
     /// True when no passphrase at all is configured.
     public var isEmpty: Bool { byDepth.isEmpty && fallback == nil }
 }
