@@ -79,10 +79,10 @@ struct SecretOptions: ParsableArguments {
 
     /// Opens `argument` (a path, or with `--image-opts` an option string): returns the path
     /// and sets the format and secrets in `options`.
-    func apply(_ argument: String, to options: inout OpenOptions) throws -> String {
+    func apply(_ argument: String, to options: inout OpenOptions, imageOpts: Bool? = nil) throws -> String {
         let secrets = try secrets()
         options.secrets.fallback = try passwordFromFile()
-        guard imageOpts else { return argument }
+        guard imageOpts ?? self.imageOpts else { return argument }
         var path: String?
         for (k, v) in try Self.keyValues(argument, what: "--image-opts") {
             switch k {

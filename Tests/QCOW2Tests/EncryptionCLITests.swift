@@ -32,6 +32,22 @@ struct CLI {
         }
     }
 
+    @Test("convert -n --target-image-opts into an existing LUKS image")
+    func targetImageOpts() async throws {
+        try await withTempDir("enc-target") { dir in
+            try await Enc.qemuCreate("t.qcow2", size: "1M", options: ELUKSCombo.all[0].createOptions, cwd: dir)
+            let data = Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 9) })
+            try data.write(to: URL(fileURLWithPath: dir + "/in.raw"))
+            let spec = Enc.opts("t.qcow2")
+            let r = try await qcow2(["convert", "-n"] + Enc.object() + ["-f", "raw", "--target-image-opts", "in.raw", spec], cwd: dir, timeout: 60)
+            expectSuccess(r)
+            #expect(try await Enc.qemuRaw(spec, cwd: dir) == [UInt8](data))
+            try await Enc.expectCleanCheck(spec, cwd: dir, context: "convert -n target")
+            let noN = try await qcow2(["convert"] + Enc.object() + ["--target-image-opts", "in.raw", spec], cwd: dir)
+            #expect(!noN.succeeded && noN.stderr.contains("--target-image-opts requires use of -n flag"), "\(noN)")
+        }
+    }
+
     @Test("measure -o encrypt.format=luks matches qemu-img measure")
     func measure() async throws {
         try await withTempDir("enc-measure") { dir in
