@@ -36,7 +36,7 @@ let package = Package(
         .target(
             name: "QCOW2",
             dependencies: [
-                "QCOW2Format", "CZlib", "CZstd", "CQCOW2System",
+                "QCOW2Format", "QCOW2Crypto", "CZlib", "CZstd", "CQCOW2System",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
@@ -55,7 +55,7 @@ let package = Package(
         .executableTarget(
             name: "QCOW2Tool",
             dependencies: [
-                "QCOW2", "NBDServer",
+                "QCOW2", "QCOW2Crypto", "NBDServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -79,7 +79,7 @@ let package = Package(
         .testTarget(
             name: "QCOW2Tests",
             dependencies: [
-                "QCOW2", "QCOW2Format",
+                "QCOW2", "QCOW2Format", "QCOW2Crypto",
                 .product(name: "Subprocess", package: "swift-subprocess"),
             ]
         ),

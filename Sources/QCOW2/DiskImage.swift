@@ -27,6 +27,9 @@ public final class DiskImage: BlockDevice, Sendable {
     nonisolated(unsafe) private var rawWriter: FileHandle?
     nonisolated(unsafe) private var durableRaw = true
 
+    /// Makes partial-sector writes of encrypted images atomic (see `SectorWriteLock`).
+    private let sectorLock = SectorWriteLock()
+
     private struct CompressedKey: Hashable { var layer: Int32; var host: UInt64 }
     /// Per layer: data clusters that are holes in the file report as zero (see
     /// `QCOW2Layer.detectMetadataPreallocation`). Computed on first use by `allocationMap`.
@@ -86,6 +89,17 @@ public final class DiskImage: BlockDevice, Sendable {
         return disk
     }
 
+    /// True when the top image is encrypted (LUKS or legacy AES).
+    public var isEncrypted: Bool {
+        if case let .qcow2(l) = layers[0] { return l.encryption != nil }
+        return false
+    }
+
+    private func isEncrypted(depth: Int32) -> Bool {
+        if case let .qcow2(l) = layers[Int(depth)] { return l.encryption != nil }
+        return false
+    }
+
     /// True when the image was opened for writing.
     public var isWritable: Bool { writer != nil || rawWriter != nil }
 
@@ -103,7 +117,38 @@ public final class DiskImage: BlockDevice, Sendable {
     public func write(at offset: UInt64, from data: UnsafeRawBufferPointer) throws {
         try checkRange(offset, UInt64(data.count))
         guard !data.isEmpty else { return }
-        if let writer { try writer.write(at: offset, data) } else { try rawWriter?.write(data, at: offset) }
+        if let writer {
+            guard writer.encryption != nil else { return try writer.write(at: offset, data) }
+            let end = offset + UInt64(data.count)
+            guard offset % 512 != 0 || (end % 512 != 0 && end != virtualSize) else {
+                return try sectorLock.withShared { try writer.write(at: offset, data) }
+            }
+            try sectorLock.withExclusive {
+                let (start, buffer) = try sectorAligned(offset, data)
+                defer { buffer.deallocate() }
+                try writer.write(at: start, UnsafeRawBufferPointer(buffer))
+            }
+        } else {
+            try rawWriter?.write(data, at: offset)
+        }
+    }
+
+    /// Encrypted images are written in whole 512-byte sectors (QEMU's request alignment for
+    /// encrypted qcow2): for an unaligned request, the covering sectors read back from the
+    /// image with `data` on top. The caller deallocates the buffer.
+    private func sectorAligned(_ offset: UInt64, _ data: UnsafeRawBufferPointer) throws -> (UInt64, UnsafeMutableRawBufferPointer) {
+        let end = offset + UInt64(data.count)
+        let start = offset & ~511
+        let alignedEnd = min(virtualSize, (end + 511) & ~511)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(alignedEnd - start), alignment: 4096)
+        do {
+            try read(at: start, into: buffer)
+        } catch {
+            buffer.deallocate()
+            throw error
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[Int(offset - start)..<Int(end - start)]).copyMemory(from: data)
+        return (start, buffer)
     }
 
     /// Makes a range read as zeros; `unmap` allows releasing the host clusters.
@@ -111,6 +156,20 @@ public final class DiskImage: BlockDevice, Sendable {
         try checkRange(offset, length)
         guard length > 0 else { return }
         if let writer {
+            let end = offset + length
+            if writer.encryption != nil && (offset % 512 != 0 || (end % 512 != 0 && end != virtualSize)) {
+                // Encrypted: the partial sectors at the ends become encrypted zeros (a
+                // read-modify-write), the aligned middle goes the usual zero-cluster way.
+                let head = min(end, (offset + 511) & ~511)
+                let tail = end % 512 == 0 || end == virtualSize ? end : max(head, end & ~511)
+                if offset < head { try writeZeroBytes(offset, head) }
+                if head < tail { try sectorLock.withShared { try writer.writeZeroes(at: head, length: tail - head, unmap: unmap) } }
+                if tail < end { try writeZeroBytes(tail, end) }
+                return
+            }
+            if writer.encryption != nil {
+                return try sectorLock.withShared { try writer.writeZeroes(at: offset, length: length, unmap: unmap) }
+            }
             try writer.writeZeroes(at: offset, length: length, unmap: unmap)
         } else if let raw = rawWriter {
             // As QEMU's file driver: punch a hole when unmapping is allowed, else zero the
@@ -119,6 +178,12 @@ public final class DiskImage: BlockDevice, Sendable {
             if raw.zeroRange(at: offset, length: length) { return }
             try raw.writeZeros(at: offset, length: length)
         }
+    }
+
+    private func writeZeroBytes(_ from: UInt64, _ to: UInt64) throws {
+        guard to > from else { return }
+        let zeros = [UInt8](repeating: 0, count: Int(to - from))
+        try zeros.withUnsafeBytes { try write(at: from, from: $0) }
     }
 
     /// Guest discard (TRIM): whole clusters read as zeros afterwards and their space is freed.
@@ -132,6 +197,10 @@ public final class DiskImage: BlockDevice, Sendable {
     public func writeCompressed(at offset: UInt64, from data: UnsafeRawBufferPointer) throws {
         try checkRange(offset, UInt64(data.count))
         guard let writer else { throw QCOW2Error.invalidArgument("\(path): compressed writes need a writable qcow2 image") }
+        // QEMU stores compressed clusters unencrypted; never leak guest data that way.
+        guard writer.encryption == nil else {
+            throw QCOW2Error.invalidArgument("\(path): Compression and encryption not supported at the same time")
+        }
         try writer.writeCompressed(clusterStart: offset, data)
     }
 
@@ -273,7 +342,12 @@ public final class DiskImage: BlockDevice, Sendable {
             dest.initializeMemory(as: UInt8.self, repeating: 0)
         case .data:
             let file = try files.handle(FileKey(layer: e.depth, dataFile: e.piece.inDataFile))
-            try file.read(into: dest, at: e.piece.host + (pos - e.start))
+            let host = e.piece.host + (pos - e.start)
+            if case let .qcow2(layer) = layers[Int(e.depth)], let encryption = layer.encryption {
+                try encryption.read(file: file, host: host, guest: pos, into: dest)
+            } else {
+                try file.read(into: dest, at: host)
+            }
         case .compressed:
             let cluster = try decompressedCluster(e)
             let from = Int(pos - e.piece.clusterStart)
@@ -376,7 +450,8 @@ public final class DiskImage: BlockDevice, Sendable {
         let p = e.piece
         var offset: UInt64?
         var file: String?
-        if p.hasHost && p.kind != .compressed {
+        // Like QEMU, no host offset for encrypted layers (the bytes there are ciphertext).
+        if p.hasHost && p.kind != .compressed && !isEncrypted(depth: e.depth) {
             offset = p.host + (start - p.start)
             file = files.path(FileKey(layer: e.depth, dataFile: p.inDataFile))
         }
@@ -398,6 +473,8 @@ public struct LayerInfo: Sendable {
     public var backingFileName: String?
     public var fullBackingFileName: String?
     public var dataFile: String?
+    /// How the layer is encrypted (nil: not encrypted).
+    public var encryption: EncryptionInfo?
 
     init(qcow2 l: QCOW2Layer) {
         path = l.path
@@ -407,6 +484,7 @@ public struct LayerInfo: Sendable {
         backingFileName = l.image.backingFileName
         fullBackingFileName = l.image.backingFileName.map { Paths.resolve($0, relativeTo: l.path) }
         dataFile = l.image.externalDataFile
+        encryption = l.encryption?.info
     }
 
     init(raw l: RawLayer) {

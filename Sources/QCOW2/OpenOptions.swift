@@ -1,3 +1,5 @@
+import QCOW2Crypto
+
 /// How an image or chain is opened.
 public struct OpenOptions: Sendable {
     /// Format of the top image: "qcow2", "raw", or nil to detect it from the magic.
@@ -27,6 +29,12 @@ public struct OpenOptions: Sendable {
     public var durableFlush: Bool = true
     /// Maximum files kept open at once (nil: a quarter of `ulimit -n`, at least 16).
     public var maxOpenFiles: Int?
+
+    /// Passphrases of encrypted layers (LUKS, or legacy AES read-only).
+    public var secrets = EncryptionSecrets()
+    /// Open encrypted layers that have no passphrase anyway, for metadata only (what
+    /// `qemu-img info` does): reading or writing their data then fails.
+    public var allowMissingSecrets = false
 
     public init(format: String? = nil, writable: Bool = false) {
         self.format = format

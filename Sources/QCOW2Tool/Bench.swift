@@ -28,6 +28,7 @@ struct Bench: ParsableCommand {
             guard count >= 0, (1...256).contains(threads), depth >= 1 else { throw ValidationError("invalid -c, -t or -d") }
             var options = image.openOptions()
             options.writable = write
+            let path = try image.secret.apply(self.path, to: &options)
             let disk = try DiskImage.open(path: path, options: options)
             let fill: UInt8
             if pattern.hasPrefix("0x"), let p = UInt8(pattern.dropFirst(2), radix: 16) { fill = p } else if let p = UInt8(pattern) { fill = p } else {

@@ -9,14 +9,17 @@ struct Rebase: ParsableCommand {
     @Option(name: .customShort("F"), help: "Format of the new backing file.") var backingFormat: String?
     @Flag(name: .customShort("u"), help: "Unsafe: only rewrite the backing file name.") var unsafe = false
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image file.") var path: String
 
     func run() throws {
         try QCOW2Tool.guarded {
+            var options = OpenOptions(format: format)
+            let path = try secret.apply(self.path, to: &options)
             guard let backing else { throw ValidationError("Must specify backing file (-b) or use '-b \"\"'") }
             let callback: (@Sendable (Double) -> Void)? = progress ? { @Sendable f in printProgress(f) } : nil
             try ChainOperations.rebase(path: path, newBacking: backing, newFormat: backingFormat, unsafe: unsafe,
-                                       format: format, progress: callback)
+                                       format: options.format, secrets: options.secrets, progress: callback)
             if progress {
                 printProgress(1)
                 print("")
@@ -33,12 +36,16 @@ struct Commit: ParsableCommand {
     @Flag(name: .customShort("d"), help: "Do not empty the image afterwards.") var keep = false
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image file.") var path: String
 
     func run() throws {
         try QCOW2Tool.guarded {
+            var options = OpenOptions(format: format)
+            let path = try secret.apply(self.path, to: &options)
             let callback: (@Sendable (Double) -> Void)? = progress ? { @Sendable f in printProgress(f) } : nil
-            try ChainOperations.commit(path: path, base: base, keepTop: keep, format: format, progress: callback)
+            try ChainOperations.commit(path: path, base: base, keepTop: keep, format: options.format,
+                                       secrets: options.secrets, progress: callback)
             if progress {
                 printProgress(1)
                 print("")

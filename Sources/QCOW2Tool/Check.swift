@@ -21,6 +21,7 @@ struct CheckCommand: ParsableCommand {
     @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
     @Flag(name: .customShort("q"), help: "Quiet: print nothing on standard output.") var quiet = false
     @Flag(name: .customShort("U"), help: "Force share: check without taking the image lock (not with -r).") var forceShare = false
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image file.") var path: String
 
     func run() throws {
@@ -31,8 +32,14 @@ struct CheckCommand: ParsableCommand {
         case .all: mode = .all
         }
         let check: ImageCheck
+        var options = OpenOptions(format: format)
+        let path: String
+        do { path = try secret.apply(self.path, to: &options) } catch {
+            printError("qcow2: \(error)")
+            throw ExitCode(1)
+        }
         do {
-            check = try ImageCheck(path: path, format: format, repair: mode, forceShare: forceShare)
+            check = try ImageCheck(path: path, format: options.format, repair: mode, forceShare: forceShare, secrets: options.secrets)
         } catch let error as ImageCheck.FormatHasNoCheck {
             printError("qcow2: \(error)")
             throw ExitCode(63)

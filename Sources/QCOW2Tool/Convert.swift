@@ -14,6 +14,8 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("B"), help: "Backing file of the output: only the difference is written.") var outputBacking: String?
     @Option(name: .customShort("F"), help: "Format of the -B backing file.") var outputBackingFormat: String?
     @Flag(name: .customShort("n"), help: "Do not create the target; it must exist.") var noCreate = false
+    @Flag(name: .customLong("target-image-opts"), help: "The destination is an option string (driver=qcow2,file.filename=PATH,encrypt.key-secret=ID); needs -n.")
+    var targetImageOpts = false
     @Option(name: .customShort("l"), help: "Convert this internal snapshot of the source (ID or name, or snapshot.name=/snapshot.id=).")
     var snapshotParam: String?
     @Option(name: .customShort("s"), help: "Convert the internal snapshot with this ID or name (deprecated qemu-img form).")
@@ -29,7 +31,10 @@ struct Convert: ParsableCommand {
     func run() throws {
         try QCOW2Tool.guarded {
             guard files.count >= 2 else { throw ValidationError("Expecting at least one source and a destination") }
-            let sourcePaths = Array(files.dropLast()), destination = files.last!
+            let sourcePaths = Array(files.dropLast())
+            var targetOptions = OpenOptions(format: outputFormat, writable: true)
+            if targetImageOpts && !noCreate { throw ValidationError("--target-image-opts requires use of -n flag") }
+            let destination = try image.secret.apply(files.last!, to: &targetOptions, imageOpts: targetImageOpts)
             guard outputFormat == "raw" || outputFormat == "qcow2" else {
                 throw ValidationError("Unknown output format '\(outputFormat)' (qcow2 or raw)")
             }
@@ -44,9 +49,17 @@ struct Convert: ParsableCommand {
                 // -s ID selects by ID; -l takes an ID or name, or snapshot.id=/snapshot.name= parts.
                 sourceOptions.snapshot = snapshotParam ?? "snapshot.id=\(p)"
             }
-            let sources = try sourcePaths.map { try DiskImage.open(path: $0, options: sourceOptions) }
+            let sources = try sourcePaths.map { argument in
+                var o = sourceOptions
+                let path = try image.secret.apply(argument, to: &o)
+                return try DiskImage.open(path: path, options: o)
+            }
             let total = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
             var (create, extraBacking, extraFormat) = try CreateOptionParser.parse(options)
+            if outputFormat == "qcow2" { create.encryption = try image.secret.encryptionCreateOptions(CreateOptionParser.encryptKeys) }
+            if compress && create.encryption != nil {
+                throw ValidationError("Compression and encryption not supported at the same time")
+            }
             let backing = outputBacking ?? extraBacking
             let backingFormat = outputBackingFormat ?? extraFormat ?? (backing != nil ? "qcow2" : nil)
             if !noCreate {
@@ -64,9 +77,12 @@ struct Convert: ParsableCommand {
             guard ["unsafe", "writeback", "none", "directsync", "writethrough"].contains(cacheMode) else {
                 throw ValidationError("Invalid cache option: \(cacheMode)")
             }
-            var openOptions = OpenOptions(format: outputFormat, writable: true)
+            var openOptions = targetOptions
+            openOptions.writable = true
             openOptions.durableFlush = cacheMode != "unsafe"
             openOptions.followBackingFiles = true
+            // The new image's own secret, else --target-image-opts / --password-file (-n).
+            if let created = create.encryption?.passphrase { openOptions.secrets.fallback = created }
             let target = try DiskImage.open(path: destination, options: openOptions)
             var converter = ImageConverter()
             converter.sparseSize = Int(sparse)
@@ -75,7 +91,9 @@ struct Convert: ParsableCommand {
             // With a backing file, zero ranges may hide backing data and must be compared too.
             converter.targetMayHaveData = noCreate || backing != nil
             if backing != nil, target.chainDepth > 1 {
-                converter.backing = try DiskImage.open(path: target.chain[0].fullBackingFileName ?? "", options: OpenOptions(format: backingFormat))
+                var backingOptions = OpenOptions(format: backingFormat)
+                backingOptions.secrets.fallback = try image.secret.passwordFromFile()
+                converter.backing = try DiskImage.open(path: target.chain[0].fullBackingFileName ?? "", options: backingOptions)
             }
             let showProgress = progress
             if showProgress { printProgress(0) }

@@ -12,6 +12,7 @@ struct Create: ParsableCommand {
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Option(name: .customShort("o"), parsing: .singleValue, help: "Format options, comma separated (cluster_size=, compat=, lazy_refcounts=, refcount_bits=, extended_l2=, compression_type=, preallocation=, data_file=, data_file_raw=, backing_file=, backing_fmt=).")
     var options: [String] = []
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image to create.") var path: String
     @Argument(help: "Virtual size (e.g. 1G); defaults to the backing file's size.") var size: String?
 
@@ -21,12 +22,15 @@ struct Create: ParsableCommand {
             let backing = backingFile ?? extraBacking, backingFmt = backingFormat ?? extraFormat
             o.backingFile = backing
             o.backingFormat = backingFmt
+            if format == "qcow2" { o.encryption = try secret.encryptionCreateOptions(CreateOptionParser.encryptKeys) }
             if let size {
                 guard let s = parseSize(size) else { throw ValidationError("Invalid image size specified: '\(size)'") }
                 o.size = s
             } else if let b = backing, !unsafe {
                 let resolved = b.hasPrefix("/") ? b : (path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) + "/" + b : b)
-                let disk = try DiskImage.open(path: resolved, options: OpenOptions(format: backingFmt))
+                var backingOptions = OpenOptions(format: backingFmt)
+                backingOptions.allowMissingSecrets = true
+                let disk = try DiskImage.open(path: resolved, options: backingOptions)
                 o.size = disk.virtualSize
             } else {
                 throw ValidationError("Image creation needs a size parameter")
@@ -34,12 +38,15 @@ struct Create: ParsableCommand {
             if let b = backing, !unsafe, size != nil {
                 // Like qemu-img: make sure the backing file can be opened.
                 let resolved = b.hasPrefix("/") ? b : (path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) + "/" + b : b)
-                _ = try DiskImage.open(path: resolved, options: OpenOptions(format: backingFmt))
+                var backingOptions = OpenOptions(format: backingFmt)
+                backingOptions.allowMissingSecrets = true
+                _ = try DiskImage.open(path: resolved, options: backingOptions)
             }
             switch format {
             case "qcow2":
                 if !quiet {
-                    var line = "Formatting '\(path)', fmt=qcow2 cluster_size=\(o.clusterSize) extended_l2=\(o.extendedL2 ? "on" : "off")\(o.preallocation != "off" || CreateOptionParser.explicitKeys.contains("preallocation") ? " preallocation=" + o.preallocation : "") compression_type=\(o.compressionType) size=\(o.size)"
+                    let encrypt = CreateOptionParser.encryptKeyOrder.compactMap { k in CreateOptionParser.encryptKeys[k].map { " \(k)=\($0)" } }.joined()
+                    var line = "Formatting '\(path)', fmt=qcow2\(encrypt) cluster_size=\(o.clusterSize) extended_l2=\(o.extendedL2 ? "on" : "off")\(o.preallocation != "off" || CreateOptionParser.explicitKeys.contains("preallocation") ? " preallocation=" + o.preallocation : "") compression_type=\(o.compressionType) size=\(o.size)"
                     if o.compat != "1.1" || CreateOptionParser.explicitKeys.contains("compat") { line += " compat=\(o.compat)" }
                     if let b = backing { line += " backing_file=\(b)" }
                     if let f = backingFmt, backing != nil { line += " backing_fmt=\(f)" }
@@ -65,9 +72,15 @@ struct Create: ParsableCommand {
 enum CreateOptionParser {
     /// Keys given explicitly in the last `parse` (qemu-img prints those even at their default).
     nonisolated(unsafe) static var explicitKeys: Set<String> = []
+    /// The `encrypt.*` and `encryption` keys of the last `parse` (see `SecretOptions`).
+    nonisolated(unsafe) static var encryptKeys: [String: String] = [:]
+    /// qemu-img's order of the encryption keys in its "Formatting" line.
+    static let encryptKeyOrder = ["encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+                                  "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time"]
 
     static func parse(_ groups: [String]) throws -> (CreateOptions, backing: String?, backingFormat: String?) {
         explicitKeys = []
+        encryptKeys = [:]
         var o = CreateOptions(size: 0)
         var backing: String?, backingFmt: String?
         for group in groups {
@@ -94,6 +107,7 @@ enum CreateOptionParser {
                 case "preallocation": o.preallocation = v
                 case "data_file": o.dataFile = v
                 case "data_file_raw": o.dataFileRaw = try onOff(k, v)
+                case _ where encryptKeyOrder.contains(k): encryptKeys[k] = v
                 case "backing_file": backing = v
                 case "backing_fmt": backingFmt = v
                 case "size":

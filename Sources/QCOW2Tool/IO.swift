@@ -14,6 +14,7 @@ struct IO: ParsableCommand {
     @Option(name: .customShort("f"), help: "Image format (qcow2 or raw).") var format: String?
     @Option(name: .customShort("c"), parsing: .singleValue, help: "A command; may be repeated.") var commands: [String] = []
     @Flag(name: .customShort("r"), help: "Open read-only.") var readOnly = false
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image file.") var path: String
 
     func run() throws {
@@ -21,6 +22,7 @@ struct IO: ParsableCommand {
         try QCOW2Tool.guarded {
             var options = OpenOptions(format: format, writable: !readOnly)
             options.allowExternalDataFiles = true
+            let path = try secret.apply(self.path, to: &options)
             let disk = try DiskImage.open(path: path, options: options)
             for command in commands {
                 do {

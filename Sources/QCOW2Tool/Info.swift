@@ -18,8 +18,11 @@ struct Info: ParsableCommand {
     func run() throws {
         try QCOW2Tool.guarded {
             var options = image.openOptions()
-            // Like qemu-img, plain `info` does not open the backing file.
+            let path = try image.secret.apply(self.path, to: &options)
+            // Like qemu-img, plain `info` does not open the backing file, and reads the
+            // encryption header without needing the secret.
             options.followBackingFiles = backingChain
+            options.allowMissingSecrets = true
             let disk = try DiskImage.open(path: path, options: options)
             let layers = backingChain ? disk.chain : [disk.chain[0]]
             let infos = try layers.map { try ImageInfo(layer: $0) }
@@ -55,6 +58,7 @@ struct ImageInfo {
         data.append(("compression-type", .string(h.compressionType.description)))
         if h.version >= 3 { data.append(("lazy-refcounts", .bool(h.compatibleFeatures.contains(.lazyRefcounts)))) }
         data.append(("refcount-bits", .int(Int64(h.refcountBits))))
+        if let e = layer.encryption { data.append(("encrypt", EncryptionDisplay.json(e))) }
         if let df = layer.dataFile { data.append(("data-file", .string(df))) }
         if h.hasExternalDataFile { data.append(("data-file-raw", .bool(h.autoclearFeatures.contains(.dataFileRaw)))) }
         if h.version >= 3 {
@@ -93,6 +97,7 @@ struct ImageInfo {
         }
         if let full = layer.fullBackingFileName { obj.append(("full-backing-filename", .string(full))) }
         if let b = layer.backingFileName { obj.append(("backing-filename", .string(b))) }
+        if layer.encryption != nil { obj.append(("encrypted", .bool(true))) }
         let dirty = layer.header?.header.incompatibleFeatures.contains(.dirty) ?? false
         obj.append(("dirty-flag", .bool(dirty)))
         return JSONValue.object(obj).render(indent: indent)
@@ -106,6 +111,7 @@ struct ImageInfo {
         add("file format: \(layer.format)")
         add("virtual size: \(humanSize(layer.virtualSize)) (\(layer.virtualSize) bytes)")
         add("disk size: \(humanSize(actualSize))")
+        if layer.encryption != nil { add("encrypted: yes") }
         if let h = layer.header?.header { add("cluster_size: \(h.clusterSize)") }
         if let b = layer.backingFileName {
             if let full = layer.fullBackingFileName, full != b {
@@ -124,7 +130,7 @@ struct ImageInfo {
         if !fs.isEmpty {
             add("Format specific information:")
             for (k, v) in fs {
-                add("    \(k.split(separator: "-").joined(separator: " ")): \(v.plain)")
+                for line in EncryptionDisplay.human(key: k, value: v, indent: 4) { add(line) }
             }
         }
         return Array(lines.joined(separator: [UInt8(ascii: "\n")]))

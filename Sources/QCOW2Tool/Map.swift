@@ -13,7 +13,9 @@ struct Map: ParsableCommand {
 
     func run() throws {
         try QCOW2Tool.guarded {
-            let disk = try DiskImage.open(path: path, options: image.openOptions())
+            var options = image.openOptions()
+            let path = try image.secret.apply(self.path, to: &options)
+            let disk = try DiskImage.open(path: path, options: options)
             let length = maxLength ?? disk.virtualSize
             var extents = try disk.allocationMap(offset: startOffset, length: length)
             if extents.isEmpty {

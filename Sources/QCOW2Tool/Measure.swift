@@ -9,6 +9,7 @@ struct MeasureCommand: ParsableCommand {
     @Option(name: .customShort("o"), parsing: .singleValue, help: "Creation options, as for create.") var options: [String] = []
     @Option(name: .customLong("size"), help: "Size of an empty image to measure.") var size: String?
     @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The source image.") var path: String?
 
     func run() throws {
@@ -17,7 +18,12 @@ struct MeasureCommand: ParsableCommand {
             let (create, backing, _) = try CreateOptionParser.parse(options)
             var o = create
             o.backingFile = backing
-            let source = try path.map { try DiskImage.open(path: $0, options: OpenOptions(format: format)) }
+            let encryption = try secret.encryptionCreateOptions(CreateOptionParser.encryptKeys)
+            let source = try path.map { argument -> DiskImage in
+                var o = OpenOptions(format: format)
+                let p = try secret.apply(argument, to: &o)
+                return try DiskImage.open(path: p, options: o)
+            }
             let sizeValue = try size.map { s -> UInt64 in
                 guard let v = parseSize(s) else {
                     throw ValidationError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
@@ -27,7 +33,14 @@ struct MeasureCommand: ParsableCommand {
                 }
                 return v
             }
-            let r = try Measure.measure(source: source, size: sizeValue, format: outputFormat, options: o)
+            var r = try Measure.measure(source: source, size: sizeValue, format: outputFormat, options: o)
+            if let encryption, outputFormat == "qcow2" {
+                // QEMU adds the LUKS area, in whole clusters, to both sizes.
+                let area = ImageCreator.luksAreaLength(encryption.luks.cipher)
+                let cs = o.clusterSize
+                r.required += (area + cs - 1) / cs * cs
+                r.fullyAllocated += (area + cs - 1) / cs * cs
+            }
             let hasBitmaps = source?.chain.first?.format == "qcow2" && outputFormat == "qcow2" && o.compat != "0.10" && o.compat != "v2"
             switch output {
             case .human:

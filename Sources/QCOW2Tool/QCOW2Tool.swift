@@ -42,6 +42,8 @@ struct ImageOptions: ParsableArguments {
     @Option(name: .customLong("cache-size"), help: "Byte budget of the chain index cache.")
     var cacheSize: Int?
 
+    @OptionGroup var secret: SecretOptions
+
     func openOptions() -> OpenOptions {
         var o = OpenOptions(format: format)
         o.probeBackingFormat = probeBackingFormat

@@ -7,14 +7,17 @@ struct Resize: ParsableCommand {
     @Option(name: .customShort("f"), help: "Image format.") var format: String?
     @Flag(name: .customLong("shrink"), help: "Allow shrinking (data past the new end is lost).") var shrink = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @OptionGroup var secret: SecretOptions
     @Argument(parsing: .allUnrecognized, help: "The image file, then the new size (SIZE, +SIZE or -SIZE).")
     var arguments: [String] = []
 
     func run() throws {
         try QCOW2Tool.guarded {
             guard arguments.count == 2 else { throw ValidationError("Expecting image file name and size") }
-            let path = arguments[0], size = arguments[1]
-            let disk = try DiskImage.open(path: path, options: OpenOptions(format: format, writable: true))
+            let size = arguments[1]
+            var options = OpenOptions(format: format, writable: true)
+            let path = try secret.apply(arguments[0], to: &options)
+            let disk = try DiskImage.open(path: path, options: options)
             var newSize: UInt64
             if size.hasPrefix("+") || size.hasPrefix("-") {
                 guard let delta = parseSize(String(size.dropFirst())) else { throw ValidationError("Invalid image size specified") }

@@ -76,6 +76,7 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("v"), .customLong("verbose")], help: "Log connection errors and failed commands to stderr.")
     var verbose = false
 
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image file.") var path: String
 
     func validate() throws {
@@ -125,9 +126,12 @@ struct Serve: ParsableCommand {
         let exportReadOnly = readOnly || loadSnapshot != nil
         var options = OpenOptions(format: format, writable: !exportReadOnly && !snapshot)
         options.snapshot = loadSnapshot
+        let path = try secret.apply(self.path, to: &options)
         let image: DiskImage
         if snapshot {
-            let base = try DiskImage.open(path: path, options: OpenOptions(format: format))
+            var baseOptions = OpenOptions(format: options.format)
+            baseOptions.secrets = options.secrets
+            let base = try DiskImage.open(path: path, options: baseOptions)
             let size = base.virtualSize
             let baseFormat = base.chain.first?.format ?? "raw"
             try base.close()
@@ -138,7 +142,11 @@ struct Serve: ParsableCommand {
             create.backingFile = Self.absolutePath(path)
             create.backingFormat = baseFormat
             try ImageCreator.create(path: overlay, options: create)
+            let secrets = options.secrets
             options = OpenOptions(format: "qcow2", writable: !exportReadOnly)
+            // The image's secrets move one layer down, under the plain overlay.
+            options.secrets.fallback = secrets.fallback
+            for (depth, s) in secrets.byDepth { options.secrets.byDepth[depth + 1] = s }
             image = try DiskImage.open(path: overlay, options: options)
         } else {
             image = try DiskImage.open(path: path, options: options)

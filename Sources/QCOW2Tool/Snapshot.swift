@@ -10,6 +10,7 @@ struct Snapshot: ParsableCommand {
     @Option(name: .customShort("a"), help: "Apply (revert to) a snapshot, by ID or name.") var apply: String?
     @Option(name: .customShort("d"), help: "Delete a snapshot, by ID or name.") var delete: String?
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @OptionGroup var secret: SecretOptions
     @Argument(help: "The image file.") var path: String
 
     func run() throws {
@@ -19,6 +20,8 @@ struct Snapshot: ParsableCommand {
             if list {
                 var options = OpenOptions(format: format)
                 options.followBackingFiles = false
+                options.allowMissingSecrets = true
+                let path = try secret.apply(self.path, to: &options)
                 let disk = try DiskImage.open(path: path, options: options)
                 let snapshots = try disk.snapshots()
                 if !snapshots.isEmpty {
@@ -30,6 +33,7 @@ struct Snapshot: ParsableCommand {
             }
             var options = OpenOptions(format: format, writable: true)
             options.followBackingFiles = true
+            let path = try secret.apply(self.path, to: &options)
             let disk = try DiskImage.open(path: path, options: options)
             do {
                 if let name = create {

@@ -20,6 +20,7 @@ public final class ImageCheck {
     public let format: String = "qcow2"
     let file: FileHandle
     let writable: Bool
+    let secrets: EncryptionSecrets
 
     /// The image is not qcow2: qemu-img says "This image format does not support checks"
     /// (exit 63).
@@ -30,7 +31,11 @@ public final class ImageCheck {
 
     /// Opens `path` for checking; `repair` non-empty opens it for writing. `forceShare`
     /// (qemu-img's `-U`, checks only) takes no lock, so the image may be in use.
-    public init(path: String, format: String?, repair: CheckRepair, forceShare: Bool = false) throws {
+    /// - Parameter secrets: checked against the image's LUKS key slots when given; the
+    ///   check itself reads only metadata, so an encrypted image is also checked without.
+    public init(path: String, format: String?, repair: CheckRepair, forceShare: Bool = false,
+                secrets: EncryptionSecrets = EncryptionSecrets()) throws {
+        self.secrets = secrets
         if forceShare && !repair.isEmpty {
             throw QCOW2Error.invalidArgument("force-share=on can only be used with read-only images")
         }
@@ -66,7 +71,10 @@ public final class ImageCheck {
         let image = try QCOW2Checker.readImageHeader(file: file, path: path, fileSize: try file.size())
         let h = image.header
         if h.cryptMethodRaw != 0 {
-            throw QCOW2Error.unsupported(path: path, "image is encrypted; checking encrypted images needs the key, which this build does not support")
+            // Validates the encryption header (and the secret, if one was given).
+            _ = try LayerEncryption(image: image, path: path, file: file, fileSize: try file.size(),
+                                    clusterSize: UInt64(h.clusterSize), passphrase: secrets.passphrase(forDepth: 0),
+                                    writable: false, allowMissingSecret: true)
         }
         if h.hasExternalDataFile {
             guard let name = image.externalDataFile else {

@@ -19,6 +19,8 @@ final class QCOW2Layer: Sendable {
     /// consult them before the file.
     let dirtyL2 = Mutex<[UInt64: [UInt8]]>([:])
     let dataFilePath: String?
+    /// How the layer's data clusters are encrypted (nil: plain).
+    let encryption: LayerEncryption?
 
     var header: QCOW2Header { image.header }
     /// The guest size: the header's, or the snapshot's when a snapshot is opened.
@@ -43,8 +45,12 @@ final class QCOW2Layer: Sendable {
         geometry = ClusterGeometry(clusterBits: h.clusterBits, extendedL2: h.hasExtendedL2)
 
         if h.cryptMethodRaw != 0 {
-            let method = h.cryptMethod == .luks ? "LUKS" : "AES"
-            throw QCOW2Error.unsupported(path: path, "image is encrypted (\(method), crypt_method \(h.cryptMethodRaw)); encrypted images need encryption support, which is a separate feature not available in this build")
+            encryption = try LayerEncryption(
+                image: image, path: path, file: file, fileSize: size, clusterSize: geometry.clusterSize,
+                passphrase: options.secrets.passphrase(forDepth: Int(index)), writable: options.writable && index == 0,
+                allowMissingSecret: options.allowMissingSecrets)
+        } else {
+            encryption = nil
         }
         if h.incompatibleFeatures.contains(.corrupt) && options.writable {
             throw QCOW2Error.unsupported(path: path, "image is corrupt; cannot be opened read/write")

@@ -7,9 +7,11 @@ public enum ChainOperations {
     /// backing chain, so the guest view is unchanged; `unsafe` only rewrites the header
     /// (qemu-img rebase -u). An empty or nil `newBacking` removes the backing file.
     public static func rebase(path: String, newBacking: String?, newFormat: String?, unsafe: Bool,
-                              format: String? = nil, progress: (@Sendable (Double) -> Void)? = nil) throws {
+                              format: String? = nil, secrets: EncryptionSecrets = EncryptionSecrets(),
+                              progress: (@Sendable (Double) -> Void)? = nil) throws {
         let backing = (newBacking?.isEmpty ?? true) ? nil : newBacking
         var options = OpenOptions(format: format, writable: true)
+        options.secrets = secrets
         options.followBackingFiles = !unsafe
         let image = try DiskImage.open(path: path, options: options)
         guard case .qcow2 = image.layers[0] else {
@@ -21,7 +23,9 @@ public enum ChainOperations {
         if !unsafe {
             var newChain: DiskImage?
             if let backing {
-                newChain = try DiskImage.open(path: Paths.resolve(backing, relativeTo: path), options: OpenOptions(format: newFormat))
+                var newOptions = OpenOptions(format: newFormat)
+                newOptions.secrets = secrets.below(1)
+                newChain = try DiskImage.open(path: Paths.resolve(backing, relativeTo: path), options: newOptions)
             }
             try copyDifferences(image: image, newChain: newChain, progress: progress)
         }
@@ -82,8 +86,11 @@ public enum ChainOperations {
     ///   - keepTop: leave the top image unchanged (`-d`); otherwise it is emptied. With an
     ///     explicit base the top is kept, as qemu-img does.
     public static func commit(path: String, base: String?, keepTop: Bool, format: String? = nil,
+                              secrets: EncryptionSecrets = EncryptionSecrets(),
                               progress: (@Sendable (Double) -> Void)? = nil) throws {
-        let top = try DiskImage.open(path: path, options: OpenOptions(format: format))
+        var topOptions = OpenOptions(format: format)
+        topOptions.secrets = secrets
+        let top = try DiskImage.open(path: path, options: topOptions)
         let chain = top.chain
         guard chain.count > 1 else { throw QCOW2Error.invalidArgument("\(path): image does not have a backing file") }
         var baseIndex = 1
@@ -96,11 +103,13 @@ public enum ChainOperations {
         }
         let basePath = chain[baseIndex].path
         let baseFormat = chain[baseIndex].format
-        var baseDisk = try DiskImage.open(path: basePath, options: OpenOptions(format: baseFormat, writable: true))
+        var baseOptions = OpenOptions(format: baseFormat, writable: true)
+        baseOptions.secrets = secrets.below(baseIndex)
+        var baseDisk = try DiskImage.open(path: basePath, options: baseOptions)
         if baseDisk.virtualSize < top.virtualSize {
             try baseDisk.resize(to: top.virtualSize, allowShrink: false)
             try baseDisk.close()
-            baseDisk = try DiskImage.open(path: basePath, options: OpenOptions(format: baseFormat, writable: true))
+            baseDisk = try DiskImage.open(path: basePath, options: baseOptions)
         }
         let size = top.virtualSize
         let chunk: UInt64 = 2 << 20
@@ -126,6 +135,7 @@ public enum ChainOperations {
         if !keepTop && base == nil {
             var options = OpenOptions(format: format, writable: true)
             options.followBackingFiles = true
+            options.secrets = secrets
             let emptied = try DiskImage.open(path: path, options: options)
             try emptied.makeEmpty()
             try emptied.close()

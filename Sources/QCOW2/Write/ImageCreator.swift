@@ -15,6 +15,8 @@ public struct CreateOptions: Sendable {
     public var dataFile: String?
     public var dataFileRaw = false
     public var preallocation = "off"
+    /// Encrypt the image with LUKS (nil: plain).
+    public var encryption: EncryptionCreateOptions?
 
     public init(size: UInt64) { self.size = size }
 }
@@ -75,6 +77,9 @@ public enum ImageCreator {
             try file.write([UInt8](repeating: 0, count: Int(l1Bytes)), at: l1Offset)
             image.header.l1TableOffset = l1Offset
         }
+        if let encryption = o.encryption {
+            try writeEncryptionArea(encryption, file: file, refcounts: refcounts, clusterSize: o.clusterSize, path: path, image: &image)
+        }
         try refcounts.writeDirtyBlocks()
         image.header.l1Size = UInt32(l1Entries)
         image.header.refcountTableOffset = refcounts.tableOffset
@@ -95,6 +100,7 @@ public enum ImageCreator {
         if prealloc != "off" {
             var options = OpenOptions(format: "qcow2", writable: true)
             options.followBackingFiles = false
+            options.secrets.fallback = o.encryption?.passphrase
             let disk = try DiskImage.open(path: path, options: options)
             try disk.preallocate(mode: prealloc)
             try disk.close()

@@ -248,7 +248,22 @@ final class ImageWriter: @unchecked Sendable {
         throw QCOW2Error.corrupt(path: layer.path, "Marking image as corrupt: \(reason); further corruption events will be suppressed")
     }
 
+    /// How the layer's data is encrypted (nil: plain).
+    var encryption: LayerEncryption? { layer.encryption }
+
+    /// The one place guest data reaches the file: encrypted here for encrypted layers
+    /// (LUKS: sector numbers from the host offset), so copy-on-write fill, zero buffers
+    /// and in-place writes are all ciphertext.
     private func writeData(_ data: UnsafeRawBufferPointer, at host: UInt64) throws {
+        if let encryption {
+            let buffer = try encryption.encrypted(data, host: host)
+            defer { buffer.deallocate() }
+            return try writePlainData(UnsafeRawBufferPointer(buffer), at: host)
+        }
+        try writePlainData(data, at: host)
+    }
+
+    private func writePlainData(_ data: UnsafeRawBufferPointer, at host: UInt64) throws {
         if let dataFile {
             try dataFile.write(data, at: host)
         } else {
@@ -1013,7 +1028,7 @@ final class ImageWriter: @unchecked Sendable {
         func freshZeroCluster() throws -> L2Entry {
             let host = try refcounts.allocate(clusters: 1)
             if l2Refcount > 1 { try refcounts.increment(cluster: host / cs, by: Int64(l2Refcount - 1)) }
-            try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+            try [UInt8](repeating: 0, count: Int(cs)).withUnsafeBytes { try writeData($0, at: host) }
             bumpFileEnd(host + cs)
             return L2Entry(rawValue: host | (l2Refcount == 1 ? L2Entry.copiedFlag : 0))
         }
@@ -1028,7 +1043,7 @@ final class ImageWriter: @unchecked Sendable {
                 let entry = hasBacking ? try freshZeroCluster() : L2Entry(rawValue: 0)
                 return (entry, (host / cs, l2Refcount))
             }
-            try file.write([UInt8](repeating: 0, count: Int(cs)), at: host)
+            try [UInt8](repeating: 0, count: Int(cs)).withUnsafeBytes { try writeData($0, at: host) }
             return (L2Entry(rawValue: host | (dataRefcount == 1 ? L2Entry.copiedFlag : 0)), nil)
         default:
             return nil
