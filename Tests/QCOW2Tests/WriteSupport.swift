@@ -310,35 +310,3 @@ func wCopy(_ from: String, _ to: String) throws {
 
 // MARK: - Holding an image open in qemu-io
 
-/// Runs `qemu-io FILE` in interactive mode reading commands from a FIFO, so it keeps the
-/// image open (and locked) until `stop()` sends `quit`.
-final class WQemuIOHolder: @unchecked Sendable {
-    let fifo: String
-    private var fd: Int32 = -1
-    private var task: Task<ToolResult, Error>?
-
-    init(dir: String) { fifo = dir + "/qemu-io.fifo" }
-
-    func start(image: String, format: String = "qcow2", cwd: String) throws {
-        guard mkfifo(fifo, 0o600) == 0 else { throw JSONFailure(description: "mkfifo \(fifo) failed: errno \(errno)") }
-        // O_RDWR never blocks on a FIFO (Linux); qemu-io's read end sees EOF only when we close it.
-        fd = open(fifo, O_RDWR)
-        guard fd >= 0 else { throw JSONFailure(description: "open \(fifo) failed: errno \(errno)") }
-        let cmd = "exec qemu-io -f \(format) \(shellQuote(image)) < \(shellQuote(fifo))"
-        task = Task { try await run("sh", ["-c", cmd], cwd: cwd, timeout: 60) }
-    }
-
-    func send(_ line: String) {
-        FileHandle(fileDescriptor: fd, closeOnDealloc: false).write(Data((line + "\n").utf8))
-    }
-
-    /// Sends `quit`, closes the FIFO and waits for qemu-io to exit.
-    @discardableResult
-    func stop() async throws -> ToolResult? {
-        guard fd >= 0 else { return nil }
-        send("quit")
-        close(fd)
-        fd = -1
-        return try await task?.value
-    }
-}
