@@ -51,14 +51,16 @@ enum Enc {
         return s
     }
 
-    /// `qemu-img create` of an encrypted image; retried (up to 6 runs), since QEMU 7.2's PBKDF2
-    /// benchmark fails at random (about one run in three for sha1 here) with
-    /// "Unable to get accurate CPU usage".
+    /// `qemu-img create` of an encrypted image; retried (up to 40 runs) while it fails with
+    /// "Unable to get accurate CPU usage": QEMU 7.2 times its first PBKDF2 round (32768
+    /// iterations, ~1-3 ms for sha1) with getrusage, whose tick granularity often reads 0 ms,
+    /// which it rejects. A failed run costs only those milliseconds.
     static func qemuCreate(_ file: String, size: String, options: String, extra: [String] = [], cwd: String) async throws {
         let args = ["create", "-q", "-f", "qcow2"] + object() + ["-o", options] + extra + [file, size]
-        for _ in 0..<5 {
+        for _ in 0..<39 {
             let r = try await run("qemu-img", args, cwd: cwd, timeout: 180)
             if r.succeeded { return }
+            guard r.stderr.contains("Unable to get accurate CPU usage") else { throw ToolFailure(result: r) }
             try? FileManager.default.removeItem(atPath: cwd + "/" + file)
         }
         try await qemuImg(args, cwd: cwd, timeout: 180)
