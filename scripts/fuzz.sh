@@ -13,6 +13,11 @@
 #   image-write   the same images opened read-write: writes, zero writes, discard,
 #                 compressed write, flush, snapshot create/delete, then `check -r all`
 #                 (seeds: Fuzz/corpus/image/)
+#   luks-header   LUKS1Header(parsing:areaLength:) (+ serialize/parse, cheap unlock); compiles
+#                 Sources/QCOW2Crypto into the fuzzer, links the system libcrypto
+#   nbd-decoder   NBDFrameDecoder on a client byte stream, split into two reads, through
+#                 NIO's ByteToMessageHandler on an EmbeddedChannel; links the NIOCore
+#                 objects of the SwiftPM debug build (run `swift build` first)
 # The format targets compile Sources/QCOW2Format/*.swift straight into the fuzzer; the
 # image target builds QCOW2Format and QCOW2 as modules first. All with AddressSanitizer
 # (FUZZ_SANITIZERS=fuzzer to turn it off).
@@ -46,7 +51,7 @@ FUZZ_JOBS="${FUZZ_JOBS:-1}"
 FUZZ_SANITIZERS="${FUZZ_SANITIZERS:-fuzzer,address}"
 FUZZ_OPT="${FUZZ_OPT:--O}"
 FUZZ_ARGS="${FUZZ_ARGS:-}"
-ALL_TARGETS=(header image-header l2-entry refcount snapshot image image-write)
+ALL_TARGETS=(header image-header l2-entry refcount snapshot image image-write luks-header nbd-decoder)
 
 # target name -> source file, and per-target libFuzzer options
 source_of() {
@@ -58,6 +63,8 @@ source_of() {
     snapshot) echo FuzzSnapshotTable.swift ;;
     image) echo FuzzImage.swift ;;
     image-write) echo FuzzImageWrite.swift ;;
+    luks-header) echo FuzzLUKSHeader.swift ;;
+    nbd-decoder) echo FuzzNBDDecoder.swift ;;
     *) echo "unknown target: $1 (targets: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
   esac
 }
@@ -69,6 +76,8 @@ options_of() {
     refcount) echo "-max_len=70000" ;;
     snapshot) echo "-max_len=16384" ;;
     image|image-write) echo "-max_len=262144 -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=20" ;;
+    luks-header) echo "-max_len=300000 -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=5" ;;
+    nbd-decoder) echo "-max_len=65536 -rss_limit_mb=2048 -malloc_limit_mb=256 -timeout=5" ;;
   esac
 }
 corpus_of() { # seed directory
@@ -161,9 +170,25 @@ build_image_target() { # a target over the engine: links the QCOW2 and QCOW2Form
   fi
 }
 
+build_crypto_target() { # QCOW2Crypto compiled into the fuzzer, the system libcrypto linked
+  local t="$1" src out="$BIN/fuzz-$1"
+  src="$ROOT/Fuzz/Targets/$(source_of "$t")"
+  local crypto_sources=("$ROOT"/Sources/QCOW2Crypto/*.swift)
+  local harness="$OBJ/$t-harness.swift"
+  sed '/^import QCOW2Crypto$/d' "$src" > "$harness.tmp"
+  if ! cmp -s "$harness.tmp" "$harness" 2>/dev/null; then mv "$harness.tmp" "$harness"; else rm -f "$harness.tmp"; fi
+  if newer_than "$out" "${crypto_sources[@]}" "$harness"; then
+    echo "== building fuzz-$t"
+    "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" "${LINK[@]}" -module-name QCOW2Crypto -I "$ROOT/Sources/COpenSSL" \
+      "${crypto_sources[@]}" "$harness" -lcrypto -o "$out"
+  fi
+}
+
 build() {
   case "$1" in
     image|image-write) build_image_target "$1" ;;
+    luks-header) build_crypto_target "$1" ;;
+    nbd-decoder) build_nbd_target "$1" ;;
     *) build_format_target "$1" ;;
   esac
 }
