@@ -11,6 +11,10 @@
 #   snapshot/      [count u16][cluster_bits-9] + a real snapshot table (2–3 entries)
 #   image/         whole tiny images (512 B / 1 KiB clusters) with data, zero,
 #                  compressed clusters, snapshots, extended L2, lazy refcounts
+#   luks-header/   LUKS areas of `qemu-img create -f luks` (passphrase "pw", iter-time 10 ms;
+#                  xts-plain64/sha256, cbc-essiv:sha256 aes-128, cbc-plain64/sha1): the header,
+#                  the area length at bytes 592..<596, slot 0's key material (rest dropped)
+#   nbd-decoder/   [split][phase] + synthesized client streams (Fuzz/nbd-streams.py)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$ROOT/Fuzz/corpus"
@@ -18,7 +22,7 @@ W="$(mktemp -d)"
 trap 'rm -rf "$W"' EXIT
 cd "$W"
 rm -rf "$OUT"
-mkdir -p "$OUT"/{header,image-header,l2-entry,refcount,snapshot,image}
+mkdir -p "$OUT"/{header,image-header,l2-entry,refcount,snapshot,image,luks-header,nbd-decoder}
 
 mk() { # name size options...
   local n="$1" s="$2"; shift 2
@@ -114,4 +118,35 @@ for order in range(7):
     ops = b''.join(struct.pack('>IQ', i * 37, (i * 0x0101010101010101) & 0xffffffffffffffff) for i in range(4))
     open(os.path.join(out, 'refcount', 'order%d' % order), 'wb').write(bytes([order, 0, 4]) + ops + bytes(range(256)) * 2)
 EOF
+# LUKS areas, truncated after slot 0's key material (the target reads the rest as zeros).
+luks() { # name options
+  for _ in 1 2 3 4 5 6; do
+    qemu-img create -q -f luks --object secret,id=s,data=pw -o "key-secret=s,iter-time=10$2" "$1.luks" 1M 2>/dev/null && break
+  done
+  python3 - "$1.luks" "$OUT/luks-header/$1" <<'EOF'
+import struct, sys
+b = open(sys.argv[1], 'rb').read()
+payload, key_bytes = struct.unpack('>II', b[104:112])
+km, stripes = struct.unpack('>II', b[208 + 40:208 + 48])   # slot 0
+end = km * 512 + (key_bytes * stripes + 511) // 512 * 512
+out = bytearray(b[:end])
+out[592:596] = struct.pack('>I', payload * 512)          # the area length
+open(sys.argv[2], 'wb').write(out)
+EOF
+}
+luks xts ""
+luks essiv ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256"
+luks cbc ",cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain64,hash-alg=sha1"
+# qemu's iteration counts make an unlock too slow to fuzz; a copy with 1000 iterations
+# (digest and slot 0) is cheap enough for the target to run the whole unlock path.
+python3 - "$OUT/luks-header/essiv" "$OUT/luks-header/essiv-cheap" <<'EOF'
+import struct, sys
+b = bytearray(open(sys.argv[1], 'rb').read())
+b[164:168] = struct.pack('>I', 1000)   # mk_digest_iter
+b[212:216] = struct.pack('>I', 1000)   # slot 0 iterations
+open(sys.argv[2], 'wb').write(b)
+EOF
+
+python3 "$ROOT/Fuzz/nbd-streams.py" "$OUT/nbd-decoder"
+
 echo "corpus: $(du -sb "$OUT" | cut -f1) bytes in $(find "$OUT" -type f | wc -l) files"

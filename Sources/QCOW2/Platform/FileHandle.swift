@@ -66,7 +66,7 @@ public final class FileHandle: @unchecked Sendable {
         guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else {
             throw QCOW2Error.io(path: path, operation: "read at offset \(offset)", errno: EINVAL)
         }
-        if let code = IOHooks.fault("read") { throw QCOW2Error.io(path: path, operation: "read at offset \(offset)", errno: code) }
+        if let code = IOHooks.fault("read", offset: offset) { throw QCOW2Error.io(path: path, operation: "read at offset \(offset)", errno: code) }
         var done = 0
         while done < buffer.count {
             let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -93,7 +93,7 @@ public final class FileHandle: @unchecked Sendable {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
         if IOHooks.enabled {
-            if let code = IOHooks.fault("write") { throw QCOW2Error.io(path: path, operation: "write at offset \(offset)", errno: code) }
+            if let code = IOHooks.fault("write", offset: offset) { throw QCOW2Error.io(path: path, operation: "write at offset \(offset)", errno: code) }
             IOHooks.logWrite(path: path, offset: offset, buffer)
         }
         var done = 0

@@ -12,10 +12,14 @@ import Synchronization
 ///   binary log. A test replays any prefix consistent with the syncs onto a copy of the
 ///   original image to simulate a power cut (writes after the last completed sync may be
 ///   lost or reordered) and checks the result.
-/// - `QCOW2_FAULT=OP:N:ERRNO[,OP:N:ERRNO...]` makes the N-th (1-based) `OP` fail with
+/// - `QCOW2_FAULT=OP:N:ERRNO[:MINOFFSET][,...]` makes the N-th (1-based) `OP` fail with
 ///   `ERRNO`, where OP is `read`, `write`, `sync` or `fallocate` and ERRNO is `EIO`,
 ///   `ENOSPC` or a number — like QEMU's blkdebug, to check that errors reach the caller and
-///   leave a consistent image.
+///   leave a consistent image. With MINOFFSET only reads/writes at a file offset
+///   ≥ MINOFFSET count: a server test aims at guest data clusters, whose host offsets it
+///   knows, without depending on how many metadata reads opening the image takes. Each
+///   fault counts on its own (under one lock, so a thread pool's order is the order the
+///   operations reach this check).
 ///
 /// Record format (big-endian): kind u8 (1 = write, 2 = sync), path length u16, path,
 /// then for writes offset u64, length u32, bytes.
@@ -24,12 +28,15 @@ enum IOHooks {
         var op: String
         var nth: Int
         var errno: Int32
+        /// Only operations at this file offset or beyond count (0: all).
+        var minOffset: UInt64 = 0
     }
 
     private struct State {
         var logFD: CInt = -1
         var faults: [Fault] = []
-        var counts: [String: Int] = [:]
+        /// Matching operations seen so far, per entry of `faults`.
+        var counts: [Int] = []
     }
 
     private static let state: Mutex<State> = {
@@ -40,28 +47,34 @@ enum IOHooks {
         if let spec = getenv("QCOW2_FAULT").map({ String(cString: $0) }) {
             for item in spec.split(separator: ",") {
                 let parts = item.split(separator: ":").map(String.init)
-                guard parts.count == 3, let n = Int(parts[1]) else { continue }
+                guard parts.count == 3 || parts.count == 4, let n = Int(parts[1]) else { continue }
+                let minOffset = parts.count == 4 ? UInt64(parts[3]) ?? 0 : 0
                 let code: Int32
                 switch parts[2] {
                 case "EIO": code = EIO
                 case "ENOSPC": code = ENOSPC
                 default: code = Int32(parts[2]) ?? EIO
                 }
-                s.faults.append(Fault(op: parts[0], nth: n, errno: code))
+                s.faults.append(Fault(op: parts[0], nth: n, errno: code, minOffset: minOffset))
             }
+            s.counts = [Int](repeating: 0, count: s.faults.count)
         }
         return Mutex(s)
     }()
 
     static let enabled: Bool = getenv("QCOW2_IO_LOG") != nil || getenv("QCOW2_FAULT") != nil
 
-    /// Counts an operation; returns the errno to fail it with, if a fault is configured.
-    static func fault(_ op: String) -> Int32? {
+    /// Counts an operation (at file `offset`, for reads and writes); returns the errno to
+    /// fail it with, if a fault is configured for it.
+    static func fault(_ op: String, offset: UInt64 = 0) -> Int32? {
         guard enabled else { return nil }
         return state.withLock { s in
-            let n = (s.counts[op] ?? 0) + 1
-            s.counts[op] = n
-            return s.faults.first { $0.op == op && $0.nth == n }?.errno
+            var result: Int32?
+            for i in s.faults.indices where s.faults[i].op == op && offset >= s.faults[i].minOffset {
+                s.counts[i] += 1
+                if s.counts[i] == s.faults[i].nth, result == nil { result = s.faults[i].errno }
+            }
+            return result
         }
     }
 
