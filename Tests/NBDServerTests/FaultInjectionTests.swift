@@ -20,6 +20,20 @@ private func startFaultyServer(fault: String, image: String, dir: String) async 
     return ServerProcess(pid: pid, uri: "nbd+unix:///disk?socket=\(socket)", port: nil, socket: socket)
 }
 
+/// Runs `body` against a server started with `fault`, then stops it (also when `body`
+/// throws) and expects it to exit.
+private func withFaultyServer(fault: String, dir: String, _ body: (ServerProcess) async throws -> Void) async throws {
+    let server = try await startFaultyServer(fault: fault, image: "a.qcow2", dir: dir)
+    do {
+        try await body(server)
+    } catch {
+        await server.stop()
+        throw error
+    }
+    await server.stop()
+    #expect(await server.waitForExit())
+}
+
 /// A 1 MiB image whose every cluster is allocated (pattern 0x11), and the lowest host
 /// offset of its data: every guest read or write lands at or beyond it, every metadata
 /// access (header, tables) below it, so a fault with that MINOFFSET hits guest data only.
@@ -63,8 +77,7 @@ struct FaultInjectionTests {
     func writeFault(errno: String) async throws {
         try await withTempDir("fault-write") { dir in
             let dataStart = try await makeAllocatedImage(in: dir)
-            let server = try await startFaultyServer(fault: "write:2:\(errno):\(dataStart)", image: "a.qcow2", dir: dir)
-            do {
+            try await withFaultyServer(fault: "write:2:\(errno):\(dataStart)", dir: dir) { server in
                 let out = try await qemuIO(["write -P 0x22 0 64k", "write -P 0x33 64k 64k", "write -P 0x44 128k 64k",
                                             "read -P 0x44 128k 64k", "read -P 0x22 0 64k"], uri: server.uri, dir: dir)
                 #expect(count("write failed: \(message(errno))", in: out) == 1, "\(out)")
@@ -73,12 +86,7 @@ struct FaultInjectionTests {
                 let again = try await qemuIO(["read -P 0x22 0 64k", "read -P 0x44 128k 64k", "read -P 0x11 192k 64k",
                                               "write -P 0x66 64k 64k", "read -P 0x66 64k 64k"], uri: server.uri, dir: dir)
                 #expect(!again.contains("failed"), "new connection after the fault:\n\(again)")
-            } catch {
-                await server.stop()
-                throw error
             }
-            await server.stop()
-            #expect(await server.waitForExit())
             try await expectConsistent(dir, reads: ["read -P 0x22 0 64k", "read -P 0x66 64k 64k",
                                                     "read -P 0x44 128k 64k", "read -P 0x11 192k 832k"])
         }
@@ -88,8 +96,7 @@ struct FaultInjectionTests {
     func readFault(errno: String) async throws {
         try await withTempDir("fault-read") { dir in
             let dataStart = try await makeAllocatedImage(in: dir)
-            let server = try await startFaultyServer(fault: "read:2:\(errno):\(dataStart)", image: "a.qcow2", dir: dir)
-            do {
+            try await withFaultyServer(fault: "read:2:\(errno):\(dataStart)", dir: dir) { server in
                 let out = try await qemuIO(["read -P 0x11 0 64k", "read -P 0x11 64k 64k", "read -P 0x11 128k 64k",
                                             "write -P 0x55 192k 64k", "read -P 0x55 192k 64k"], uri: server.uri, dir: dir)
                 #expect(count("read failed: \(message(errno))", in: out) == 1, "\(out)")
@@ -98,12 +105,7 @@ struct FaultInjectionTests {
                 let again = try await qemuIO(["read -P 0x11 64k 64k", "read -P 0x55 192k 64k"], uri: server.uri,
                                              readOnly: true, dir: dir)
                 #expect(!again.contains("failed"), "new connection after the fault:\n\(again)")
-            } catch {
-                await server.stop()
-                throw error
             }
-            await server.stop()
-            #expect(await server.waitForExit())
             try await expectConsistent(dir, reads: ["read -P 0x11 0 192k", "read -P 0x55 192k 64k", "read -P 0x11 256k 768k"])
         }
     }
@@ -115,20 +117,14 @@ struct FaultInjectionTests {
             // sync #1 is the first FLUSH: writes to allocated clusters do not sync, and
             // libnbd sends no FUA (qemu-io would: its writethrough default flushes every
             // write, and with -t writeback its `flush` does not report errors).
-            let server = try await startFaultyServer(fault: "sync:1:\(errno)", image: "a.qcow2", dir: dir)
-            do {
+            try await withFaultyServer(fault: "sync:1:\(errno)", dir: dir) { server in
                 let r = try await runPython(flushScript, [server.uri], dir: dir)
                 #expect(r.succeeded, "\(r)")
                 #expect(r.stdout.split(separator: "\n") == [
                     "flush 1: \(errno)", "flush 2: ok", "flush 3: ok", "read back: ok", "new connection: ok",
                 ], "\(r)")
                 #expect(server.isAlive)
-            } catch {
-                await server.stop()
-                throw error
             }
-            await server.stop()
-            #expect(await server.waitForExit())
             try await expectConsistent(dir, reads: ["read -P 0x22 0 64k", "read -P 0x33 64k 64k", "read -P 0x44 128k 64k"])
         }
     }
