@@ -125,7 +125,7 @@ build_format_target() { # a pure-Swift target: QCOW2Format compiled into the fuz
   fi
 }
 
-build_engine_modules() { # QCOW2Format and QCOW2 as modules, the C shim as an object
+build_engine_modules() { # QCOW2Format, QCOW2Crypto and QCOW2 as modules, the C shim as an object
   local mod="$OBJ/modules"
   mkdir -p "$mod/CQCOW2System"
   cat > "$mod/CQCOW2System/module.modulemap" <<EOF
@@ -146,11 +146,18 @@ EOF
     "$CLANG" -c -O1 -g -D_GNU_SOURCE "$CSAN" -I "$ROOT/Sources/CQCOW2System/include" \
       "$ROOT/Sources/CQCOW2System/shims.c" -o "$OBJ/shims.o"
   fi
-  if newer_than "$OBJ/libQCOW2.a" "${engine_sources[@]}" "$OBJ/libQCOW2Format.a"; then
+  local crypto_sources=("$ROOT"/Sources/QCOW2Crypto/*.swift)
+  if newer_than "$OBJ/libQCOW2Crypto.a" "${crypto_sources[@]}"; then
+    echo "== building QCOW2Crypto (module)"
+    (cd "$OBJ" && "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" -module-name QCOW2Crypto -I "$ROOT/Sources/COpenSSL" \
+      -emit-module -emit-module-path "$mod/QCOW2Crypto.swiftmodule" \
+      -emit-library -static -o "$OBJ/libQCOW2Crypto.a" "${crypto_sources[@]}")
+  fi
+  if newer_than "$OBJ/libQCOW2.a" "${engine_sources[@]}" "$OBJ/libQCOW2Format.a" "$OBJ/libQCOW2Crypto.a"; then
     echo "== building QCOW2 (module, ${#engine_sources[@]} files)"
     (cd "$OBJ" && "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" -module-name QCOW2 -I "$mod" \
       -Xcc -fmodule-map-file="$mod/CQCOW2System/module.modulemap" \
-      -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" \
+      -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" -I "$ROOT/Sources/COpenSSL" \
       -emit-module -emit-module-path "$mod/QCOW2.swiftmodule" \
       -emit-library -static -o "$OBJ/libQCOW2.a" "${engine_sources[@]}")
   fi
@@ -161,12 +168,13 @@ build_image_target() { # a target over the engine: links the QCOW2 and QCOW2Form
   build_engine_modules
   local mod="$OBJ/modules" src out="$BIN/fuzz-$t"
   src="$ROOT/Fuzz/Targets/$(source_of "$t")"
-  if newer_than "$out" "$src" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/shims.o"; then
+  if newer_than "$out" "$src" "$ROOT/Fuzz/Targets/Shared/FuzzInputFile.swift" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/libQCOW2Crypto.a" "$OBJ/shims.o"; then
     echo "== building fuzz-$t"
     "$SWIFTC" "${SAN[@]}" "${COMMON[@]}" "${LINK[@]}" -module-name FuzzTarget -I "$mod" \
       -Xcc -fmodule-map-file="$mod/CQCOW2System/module.modulemap" \
-      -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" \
-      "$src" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Format.a" "$OBJ/shims.o" -lz -lzstd -o "$out"
+      -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" -I "$ROOT/Sources/COpenSSL" \
+      "$src" "$ROOT/Fuzz/Targets/Shared/FuzzInputFile.swift" "$OBJ/libQCOW2.a" "$OBJ/libQCOW2Crypto.a" "$OBJ/libQCOW2Format.a" \
+      "$OBJ/shims.o" -lz -lzstd -lcrypto -o "$out"
   fi
 }
 

@@ -11,15 +11,7 @@ import QCOW2Format
 import Glibc
 #endif
 
-let fuzzImagePath: String = {
-    var template = Array("/tmp/qcow2-fuzz-image-XXXXXX".utf8CString)
-    let dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
-    atexit {
-        unlink(fuzzImagePath)
-        rmdir(String(fuzzImagePath.dropLast("/input.qcow2".count)))
-    }
-    return dir + "/input.qcow2"
-}()
+let fuzzImagePath = makeFuzzInputPath("image")
 
 func exercise(_ disk: DiskImage) {
     let size = disk.virtualSize
@@ -41,15 +33,7 @@ func exercise(_ disk: DiskImage) {
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let path = fuzzImagePath
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    guard fd >= 0 else { fatalError("cannot create \(path)") }
-    var written = 0
-    while written < size {
-        let n = write(fd, data + written, size - written)
-        guard n > 0 else { fatalError("write failed") }
-        written += n
-    }
-    close(fd)
+    writeFuzzInput(data, size, to: path)
 
     var options = OpenOptions(format: "qcow2", writable: false)
     options.followBackingFiles = false

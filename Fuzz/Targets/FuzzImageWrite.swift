@@ -18,27 +18,13 @@ let fuzzWritePath: String = {
     signal(SIGXFSZ, SIG_IGN)
     var limit = rlimit(rlim_cur: 256 << 20, rlim_max: 256 << 20)
     setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit)
-    var template = Array("/tmp/qcow2-fuzz-write-XXXXXX".utf8CString)
-    let dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
-    atexit {
-        unlink(fuzzWritePath)
-        rmdir(String(fuzzWritePath.dropLast("/input.qcow2".count)))
-    }
-    return dir + "/input.qcow2"
+    return makeFuzzInputPath("write")
 }()
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let path = fuzzWritePath
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    guard fd >= 0 else { fatalError("cannot create \(path)") }
-    var written = 0
-    while written < size {
-        let n = write(fd, data + written, size - written)
-        guard n > 0 else { fatalError("write failed") }
-        written += n
-    }
-    close(fd)
+    writeFuzzInput(data, size, to: path)
 
     var options = OpenOptions(format: "qcow2", writable: true)
     options.followBackingFiles = false
